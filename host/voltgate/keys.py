@@ -1,0 +1,57 @@
+"""Device keys: derived from the master secret, versioned through the kid.
+
+device key = HMAC-SHA256(master, "voltgate/device/v1/" + device_id + "/" + version)
+
+The "v1" names this derivation scheme; the key version (1, 2, ...) rotates
+one device's key without touching the master. A board holds only its own
+key, so a cloned board cannot forge permits for any other board.
+"""
+
+import hashlib
+import hmac
+import re
+
+from .errors import EXIT_USAGE, VoltgateError
+
+LABEL = b"voltgate/device/v1/"
+KEY_LEN = 32
+MAX_KEY_VERSION = 0xFFFF
+# Device ids appear in MQTT topics and file names: no '/', '+', '#', spaces.
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+
+
+def check_device_id(device_id: str) -> str:
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
+        raise VoltgateError(
+            f"invalid device id {device_id!r}",
+            "1-32 characters: letters, digits, '.', '_' or '-', starting with a letter or digit",
+            EXIT_USAGE,
+        )
+    return device_id
+
+
+def check_key_version(version: int) -> int:
+    if not isinstance(version, int) or not 1 <= version <= MAX_KEY_VERSION:
+        raise VoltgateError(f"invalid key version {version!r}", f"1..{MAX_KEY_VERSION}", EXIT_USAGE)
+    return version
+
+
+def derive_device_key(master: bytes, device_id: str, version: int) -> bytes:
+    if len(master) < 32:
+        raise VoltgateError("master secret shorter than 32 bytes", "generate a new keystore", EXIT_USAGE)
+    check_device_id(device_id)
+    check_key_version(version)
+    msg = LABEL + device_id.encode() + b"/" + str(version).encode()
+    return hmac.new(master, msg, hashlib.sha256).digest()
+
+
+def kid_for(version: int) -> bytes:
+    """The kid of a key version: the version as a minimal big-endian byte string."""
+    check_key_version(version)
+    return version.to_bytes((version.bit_length() + 7) // 8, "big")
+
+
+def version_of(kid: bytes) -> int | None:
+    if not isinstance(kid, bytes) or not 1 <= len(kid) <= 2 or kid[0] == 0:
+        return None
+    return int.from_bytes(kid, "big")

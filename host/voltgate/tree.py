@@ -1,0 +1,56 @@
+"""Where the firmware and protocol sources are, and loading protocol modules by path.
+
+The host ships the same protocol/ and firmware/ files it compiles for boards.
+In a checkout (editable install) they sit two levels above this package;
+VOLTGATE_TREE overrides that.
+"""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from .errors import EXIT_ENVIRONMENT, VoltgateError
+
+
+def root() -> Path:
+    env = os.environ.get("VOLTGATE_TREE")
+    base = Path(env) if env else Path(__file__).resolve().parents[2]
+    if not (base / "protocol" / "wire.py").is_file():
+        raise VoltgateError(
+            f"no voltgate source tree at {base}",
+            "set VOLTGATE_TREE to the repository root",
+            EXIT_ENVIRONMENT,
+        )
+    return base
+
+
+def protocol_dir() -> Path:
+    return root() / "protocol"
+
+
+def firmware_dir() -> Path:
+    return root() / "firmware"
+
+
+def boards_dir() -> Path:
+    return root() / "boards"
+
+
+def vectors_dir() -> Path:
+    return protocol_dir() / "vectors"
+
+
+def load_protocol_module(name: str):
+    """Import protocol/<name>.py as `voltgate._protocol_<name>`.
+
+    Only for self-contained modules (no sibling imports), such as wire.py:
+    the board's module names stay off the host's sys.path."""
+    qual = f"voltgate._protocol_{name}"
+    if qual in sys.modules:
+        return sys.modules[qual]
+    spec = importlib.util.spec_from_file_location(qual, protocol_dir() / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[qual] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,0 +1,13 @@
+"""The wire constants of protocol/wire.py, for host code.
+
+Loaded from the very file the boards run, so the two cannot drift apart.
+"""
+
+from . import tree
+
+_w = tree.load_protocol_module("wire")
+
+globals().update({k: v for k, v in vars(_w).items() if k.isupper()})
+reason_name = _w.reason_name
+REASON_CODES = {name: code for code, name in enumerate(_w.REASON_NAMES)}
+ACTION_CODES = {name: code for code, name in enumerate(_w.ACTION_NAMES) if name}

@@ -1,0 +1,236 @@
+# Permit verification on the board: a CWT (RFC 8392) in a COSE_Mac0
+# (RFC 9052, tag 17, optionally inside the CWT tag 61), alg 5 (HMAC 256/256)
+# or 4 (HMAC 256/64). Runs on MicroPython and CPython.
+#
+# verify() returns (reason, claims). reason is a wire.* code; claims is the
+# decoded claims map once the MAC has been checked (so a caller can log who
+# presented an expired permit, or take iat into its time floor), else None.
+# The checks run in this order and stop at the first failure:
+#   1 size and structure        too_large, malformed
+#   2 alg in protected header   bad_alg
+#   3 key for kid               no_key (board has no key), unknown_key
+#   4 MAC, constant time        bad_mac
+#   5 claim types               malformed
+#   6 aud == this device        wrong_audience
+#   7 time window / exi         time_untrusted, not_yet_valid, expired
+#   8 revocation                revoked
+#   9 replay of single use      replayed
+#  10 action, then scope        wrong_action, out_of_scope
+# The key has to be chosen (step 3) before the MAC can be checked; kid is
+# unauthenticated, so answering unknown_key before bad_mac tells an attacker
+# nothing the token did not already say.
+#
+# env is what the platform plugs in (firmware/permits.py does; tests pass
+# fakes). It must have:
+#   env.device_id             str, this board's id
+#   env.key(kid)              an HMAC256 (or raw 32-byte key) for kid, or None;
+#                             it may raise NoKey when the board has no key at all
+#   env.now()                 trusted Unix time (int) or None while untrusted
+#   env.leeway                seconds of clock skew tolerated on nbf/exp
+#   env.revoked(cti, sub)     True if the permit or its user is revoked
+#   env.used(cti)             True if this single-use permit was already used
+#   env.exi_elapsed(cti)      seconds since this exi permit was first used,
+#                             or None if it never was
+# verify() itself changes nothing: marking a permit used, starting its exi
+# timer and raising the time floor are the caller's, once it acts on it.
+import wire
+from cbor import CBORError, Decoder, encode_head, loads
+from hmac256 import HMAC256, equal
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+_MAJ_BYTES = const(2)
+_MAJ_ARRAY = const(4)
+_MAJ_MAP = const(5)
+_MAJ_TAG = const(6)
+_HDR_DEPTH = const(2)  # header maps hold scalars only
+_CLAIMS_DEPTH = const(3)  # claims -> limits map -> values
+_MAC0_PREFIX = b"\x84\x64MAC0"  # array(4), "MAC0"
+_EMPTY_AAD = b"\x40"
+
+
+class NoKey(Exception):
+    """Raised by env.key() when the board has no key provisioned."""
+
+
+def _uint(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _text(v):
+    return isinstance(v, str) and len(v) <= wire.MAX_TEXT_CLAIM
+
+
+def parse(token):
+    """Split a token into (alg, kid, protected, payload, tag).
+
+    protected, payload and tag are memoryview slices of token. Raises
+    CBORError on any structural problem."""
+    d = Decoder(token)
+    major, n = d.head()
+    if major == _MAJ_TAG and n == wire.TAG_CWT:
+        major, n = d.head()
+    if major != _MAJ_TAG or n != wire.TAG_MAC0:
+        raise CBORError("not a COSE_Mac0 (tag 17)")
+    major, n = d.head()
+    if major != _MAJ_ARRAY or n != 4:
+        raise CBORError("COSE_Mac0 is not an array of 4")
+    major, n = d.head()
+    if major != _MAJ_BYTES:
+        raise CBORError("protected header is not a byte string")
+    protected = d.take(n)
+    unprotected = d.item(_HDR_DEPTH)
+    major, n = d.head()
+    if major != _MAJ_BYTES:
+        raise CBORError("payload is not a byte string")
+    payload = d.take(n)
+    major, n = d.head()
+    if major != _MAJ_BYTES:
+        raise CBORError("tag is not a byte string")
+    tag = d.take(n)
+    d.finish()
+    prot = loads(protected, _HDR_DEPTH) if len(protected) else {}
+    if not isinstance(prot, dict) or not isinstance(unprotected, dict):
+        raise CBORError("header is not a map")
+    if wire.HDR_CRIT in prot or wire.HDR_CRIT in unprotected:
+        raise CBORError("critical header parameters are not supported")
+    # alg only counts when protected; alg in the unprotected bucket is the
+    # downgrade attack RFC 9052 section 3 forbids
+    alg = prot.get(wire.HDR_ALG)
+    if wire.HDR_ALG in unprotected:
+        alg = None
+    kid = unprotected.get(wire.HDR_KID, prot.get(wire.HDR_KID))
+    if kid is not None and not isinstance(kid, bytes):
+        raise CBORError("kid is not a byte string")
+    return alg, kid, protected, payload, tag
+
+
+def mac_of(key, protected, payload):
+    """HMAC-SHA256 over the COSE MAC_structure, fed piece by piece."""
+    h = key.inner()
+    h.update(_MAC0_PREFIX)
+    hd = bytearray()
+    encode_head(hd, _MAJ_BYTES, len(protected))
+    h.update(hd)
+    h.update(protected)
+    h.update(_EMPTY_AAD)
+    hd = bytearray()
+    encode_head(hd, _MAJ_BYTES, len(payload))
+    h.update(hd)
+    h.update(payload)
+    return key.finish(h)
+
+
+def _claims_ok(c):
+    if not isinstance(c, dict):
+        return False
+    if not _text(c.get(wire.CLAIM_AUD)):
+        return False
+    cti = c.get(wire.CLAIM_CTI)
+    if not isinstance(cti, bytes) or not 0 < len(cti) <= wire.MAX_CTI:
+        return False
+    for k in (wire.CLAIM_ISS, wire.CLAIM_SUB):
+        if k in c and not _text(c[k]):
+            return False
+    for k in (wire.CLAIM_EXP, wire.CLAIM_NBF, wire.CLAIM_IAT, wire.CLAIM_EXI):
+        if k in c and not _uint(c[k]):
+            return False
+    if wire.CLAIM_EXP not in c and wire.CLAIM_EXI not in c:
+        return False  # a permit must end somewhere
+    act = c.get(wire.CLAIM_ACTION)
+    if not _uint(act) or not 0 < act < len(wire.ACTION_NAMES):
+        return False
+    if c.get(wire.CLAIM_USES, wire.USES_SINGLE) not in (wire.USES_MANY, wire.USES_SINGLE):
+        return False
+    scope = c.get(wire.CLAIM_SCOPE)
+    if scope is not None:
+        if not isinstance(scope, list) or not 0 < len(scope) <= wire.MAX_SCOPE:
+            return False
+        for i in scope:
+            if not _uint(i):
+                return False
+    limits = c.get(wire.CLAIM_LIMITS)
+    if limits is not None:
+        if not isinstance(limits, dict):
+            return False
+        for k in limits:
+            if not _uint(limits[k]):
+                return False
+    return True
+
+
+def verify(token, env, action=None, index=None):
+    if len(token) > wire.MAX_PERMIT:
+        return wire.TOO_LARGE, None
+    try:
+        alg, kid, protected, payload, tag = parse(token)
+    except CBORError:
+        return wire.MALFORMED, None
+    if alg == wire.ALG_HMAC256_256:
+        tag_len = 32
+    elif alg == wire.ALG_HMAC256_64:
+        tag_len = 8
+    else:
+        return wire.BAD_ALG, None
+    if kid is None:
+        return wire.UNKNOWN_KEY, None
+    try:
+        key = env.key(kid)
+    except NoKey:
+        return wire.NO_KEY, None
+    if key is None:
+        return wire.UNKNOWN_KEY, None
+    if not isinstance(key, HMAC256):
+        key = HMAC256(key)
+    if len(tag) != tag_len:
+        return wire.BAD_MAC, None
+    full = mac_of(key, protected, payload)
+    if not equal(memoryview(full)[:tag_len], tag):
+        return wire.BAD_MAC, None
+
+    try:
+        c = loads(payload, _CLAIMS_DEPTH)
+    except CBORError:
+        return wire.MALFORMED, None
+    if not _claims_ok(c):
+        return wire.MALFORMED, None
+    if c[wire.CLAIM_AUD] != env.device_id:
+        return wire.WRONG_AUDIENCE, c
+
+    cti = c[wire.CLAIM_CTI]
+    exp = c.get(wire.CLAIM_EXP)
+    nbf = c.get(wire.CLAIM_NBF)
+    exi = c.get(wire.CLAIM_EXI)
+    now = env.now()
+    if exp is not None or nbf is not None:
+        if now is None:
+            if exi is None:
+                return wire.TIME_UNTRUSTED, c
+        else:
+            lee = env.leeway
+            if nbf is not None and now + lee < nbf:
+                return wire.NOT_YET_VALID, c
+            if exp is not None and now - lee >= exp:
+                return wire.EXPIRED, c
+    if exi is not None:
+        elapsed = env.exi_elapsed(cti)
+        if elapsed is not None and elapsed >= exi:
+            return wire.EXPIRED, c
+
+    if env.revoked(cti, c.get(wire.CLAIM_SUB)):
+        return wire.REVOKED, c
+    if c.get(wire.CLAIM_USES, wire.USES_SINGLE) == wire.USES_SINGLE and env.used(cti):
+        return wire.REPLAYED, c
+    if action is not None and c[wire.CLAIM_ACTION] != action:
+        return wire.WRONG_ACTION, c
+    if index is not None:
+        scope = c.get(wire.CLAIM_SCOPE)
+        if scope is not None and index not in scope:
+            return wire.OUT_OF_SCOPE, c
+    return wire.OK, c

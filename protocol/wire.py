@@ -1,0 +1,97 @@
+# voltgate wire constants: the one table that firmware and host share.
+# Runs on MicroPython and CPython. protocol/SPEC.md explains each value;
+# the host loads this file by path (voltgate.wire), so there is no second copy.
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+# COSE (RFC 9052) and CWT (RFC 8392) numbers
+TAG_CWT = const(61)
+TAG_MAC0 = const(17)
+HDR_ALG = const(1)
+HDR_CRIT = const(2)
+HDR_KID = const(4)
+ALG_HMAC256_64 = const(4)
+ALG_HMAC256_256 = const(5)
+
+# Claim keys: registered CWT claims, then voltgate private claims (< -65536)
+CLAIM_ISS = const(1)
+CLAIM_SUB = const(2)
+CLAIM_AUD = const(3)
+CLAIM_EXP = const(4)
+CLAIM_NBF = const(5)
+CLAIM_IAT = const(6)
+CLAIM_CTI = const(7)
+CLAIM_EXI = const(40)
+CLAIM_ACTION = const(-65537)
+CLAIM_SCOPE = const(-65538)
+CLAIM_LIMITS = const(-65539)
+CLAIM_USES = const(-65540)
+
+# keys inside the limits map
+LIMIT_WH = const(1)
+LIMIT_W = const(2)
+
+# actions
+ACTION_RENT = const(1)
+ACTION_RETURN = const(2)
+ACTION_POWER = const(3)
+ACTION_SERVICE = const(4)
+ACTION_NAMES = ("", "rent", "return", "power", "service")
+
+# uses
+USES_MANY = const(0)
+USES_SINGLE = const(1)
+
+# size bounds
+MAX_PERMIT = const(512)  # bytes of one permit token
+MAX_CTI = const(32)  # bytes of a permit id
+MAX_SCOPE = const(16)  # indexes in a scope (a station has at most 16 slots)
+MAX_TEXT_CLAIM = const(64)  # bytes of iss, sub, aud
+MAX_FRAME = const(2048)  # payload bytes of one serial frame
+
+# Reason codes. 0 is success; every rejection has one code, logged and shown.
+# Append only: a code, once published, keeps its number and meaning.
+OK = const(0)
+MALFORMED = const(1)
+TOO_LARGE = const(2)
+BAD_ALG = const(3)
+NO_KEY = const(4)
+UNKNOWN_KEY = const(5)
+BAD_MAC = const(6)
+WRONG_AUDIENCE = const(7)
+TIME_UNTRUSTED = const(8)
+NOT_YET_VALID = const(9)
+EXPIRED = const(10)
+REVOKED = const(11)
+REPLAYED = const(12)
+WRONG_ACTION = const(13)
+OUT_OF_SCOPE = const(14)
+
+REASON_NAMES = (
+    "ok",
+    "malformed",
+    "too_large",
+    "bad_alg",
+    "no_key",
+    "unknown_key",
+    "bad_mac",
+    "wrong_audience",
+    "time_untrusted",
+    "not_yet_valid",
+    "expired",
+    "revoked",
+    "replayed",
+    "wrong_action",
+    "out_of_scope",
+)
+
+
+def reason_name(code):
+    if 0 <= code < len(REASON_NAMES):
+        return REASON_NAMES[code]
+    return "reason_" + str(code)
