@@ -82,6 +82,7 @@ class Simple:
 
 
 UNDEFINED = Simple(_UNDEF)
+_NOT_KEYS = (list, dict, Tag)  # built once: a tuple literal in a call allocates each time
 
 
 # ---------------------------------------------------------------- encoding
@@ -195,6 +196,13 @@ def _half(h):
     return -v if h & 0x8000 else v
 
 
+def _fail(msg, *args):
+    # Error text is built here, not in the decoding functions: MicroPython
+    # heap-allocates the frame of any function whose locals and value stack
+    # exceed 11 words, so the hot functions below are kept that small.
+    raise CBORError(msg % args)
+
+
 class Decoder:
     """Reads CBOR items from a buffer, one after the other.
 
@@ -203,7 +211,14 @@ class Decoder:
     exact bytes it MACs)."""
 
     def __init__(self, data, max_depth=MAX_DEPTH):
-        self.mv = memoryview(data)
+        self.max_depth = max_depth
+        self.major = 0  # major type of the last head
+        self.ai = 0  # additional information of the last head (tells float widths)
+        self.reset(data)
+
+    def reset(self, data, max_depth=MAX_DEPTH):
+        """Start over on new data (reusing a decoder saves its allocation)."""
+        self.mv = data if isinstance(data, memoryview) else memoryview(data)
         self.pos = 0
         self.end = len(self.mv)
         self.max_depth = max_depth
@@ -213,32 +228,36 @@ class Decoder:
 
     def _need(self, n):
         if n > self.end - self.pos:
-            raise CBORError("truncated: need %d bytes at offset %d, %d left" % (n, self.pos, self.end - self.pos))
+            _fail("truncated: need %d bytes at offset %d, %d left", n, self.pos, self.end - self.pos)
 
     def head(self):
         """Read one head; return (major type, argument)."""
-        self._need(1)
-        ib = self.mv[self.pos]
-        self.pos += 1
-        major = ib >> 5
-        ai = ib & 0x1F
-        if ai < 24:
-            return major, ai
-        if ai == _AI_INDEF:
-            raise CBORError("indefinite length or break at offset %d is not supported" % (self.pos - 1))
-        if ai > _AI_8:
-            raise CBORError("reserved additional information %d at offset %d" % (ai, self.pos - 1))
-        n = 1 << (ai - _AI_1)
-        self._need(n)
+        n = self._head()
+        return self.major, n
+
+    def _head(self):
+        # head() without the tuple: the major type is left in self.major
         p = self.pos
-        mv = self.mv
-        v = 0
-        for i in range(n):
-            v = (v << 8) | mv[p + i]
-        self.pos = p + n
-        if major == _SIMPLE and ai == _AI_1 and v < 32:
-            raise CBORError("two-byte simple value %d at offset %d is not well-formed" % (v, p - 1))
-        return major, v
+        if p >= self.end:
+            self._need(1)
+        ib = self.mv[p]
+        self.pos = p + 1
+        self.major = ib >> 5
+        self.ai = ib & 0x1F
+        if self.ai < 24:
+            return self.ai
+        return self._arg(ib)
+
+    def _arg(self, ib):
+        ai = ib & 0x1F
+        if ai > _AI_8:
+            self._bad_ai(ai)
+        return int.from_bytes(self.take(1 << (ai - _AI_1)), "big")
+
+    def _bad_ai(self, ai):
+        if ai == _AI_INDEF:
+            _fail("indefinite length or break at offset %d is not supported", self.pos - 1)
+        _fail("reserved additional information %d at offset %d", ai, self.pos - 1)
 
     def take(self, n):
         """Return the next n bytes as a memoryview slice (no copy)."""
@@ -248,12 +267,13 @@ class Decoder:
         return self.mv[p : p + n]
 
     def item(self, depth=None):
+        """Decode one item; depth is how many levels may nest (None: max_depth)."""
         if depth is None:
             depth = self.max_depth
         if depth <= 0:
-            raise CBORError("nesting deeper than %d at offset %d" % (self.max_depth, self.pos))
-        start = self.pos
-        major, n = self.head()
+            self._too_deep()
+        n = self._head()
+        major = self.major
         if major == _UINT:
             return n
         if major == _NINT:
@@ -261,43 +281,65 @@ class Decoder:
         if major == _BYTES:
             return bytes(self.take(n))
         if major == _TEXT:
-            raw = self.take(n)
-            try:
-                return str(raw, "utf-8")
-            except Exception:
-                raise CBORError("text at offset %d is not valid UTF-8" % start)
+            return self._text(n)
         if major == _ARRAY:
-            if n > self.end - self.pos:
-                raise CBORError("array of %d items at offset %d exceeds the %d bytes left" % (n, start, self.end - self.pos))
-            out = []
-            for _ in range(n):
-                out.append(self.item(depth - 1))
-            return out
+            return self._array(n, depth - 1)
         if major == _MAP:
-            if 2 * n > self.end - self.pos:
-                raise CBORError("map of %d pairs at offset %d exceeds the %d bytes left" % (n, start, self.end - self.pos))
-            out = {}
-            for _ in range(n):
-                kpos = self.pos
-                k = self.item(depth - 1)
-                try:
-                    dup = k in out
-                except TypeError:
-                    raise CBORError("map key at offset %d is not hashable" % kpos)
-                if dup:
-                    raise CBORError("duplicate map key at offset %d" % kpos)
-                out[k] = self.item(depth - 1)
-            return out
+            return self._map(n, depth - 1)
         if major == _TAG:
             return Tag(n, self.item(depth - 1))
-        # major 7: simple values and floats
-        ai = self.mv[start] & 0x1F
+        return self._simple(n)
+
+    def _too_deep(self):
+        _fail("nesting deeper than %d at offset %d", self.max_depth, self.pos)
+
+    # The helpers below stay within 11 words of locals + stack (while loops,
+    # not for-range, which holds extra stack slots), so calling them allocates
+    # nothing beyond the values they return.
+
+    def _text(self, n):
+        try:
+            return str(self.take(n), "utf-8")
+        except UnicodeError:
+            _fail("text ending at offset %d is not valid UTF-8", self.pos)
+
+    def _array(self, n, depth):
+        if n > self.end - self.pos:
+            _fail("array of %d items at offset %d exceeds the %d bytes left", n, self.pos, self.end - self.pos)
+        out = []  # append: [None] * n would build two lists
+        while n:
+            n -= 1
+            out.append(self.item(depth))
+        return out
+
+    def _map(self, n, depth):
+        if 2 * n > self.end - self.pos:
+            _fail("map of %d pairs at offset %d exceeds the %d bytes left", n, self.pos, self.end - self.pos)
+        out = {}
+        while n:
+            n -= 1
+            k = self._key(out, depth)
+            out[k] = self.item(depth)
+        return out
+
+    def _key(self, out, depth):
+        k = self.item(depth)
+        if isinstance(k, _NOT_KEYS):
+            _fail("map key before offset %d is not hashable (keys must be scalars)", self.pos)
+        if k in out:
+            _fail("duplicate map key before offset %d", self.pos)
+        return k
+
+    def _simple(self, n):
+        ai = self.ai
+        if ai == _AI_1 and n < 32:
+            _fail("two-byte simple value %d before offset %d is not well-formed", n, self.pos)
         if ai == _AI_2:
             return _half(n)
         if ai == _AI_4:
-            return struct.unpack(">f", self.mv[start + 1 : start + 5])[0]
+            return struct.unpack(">f", struct.pack(">I", n))[0]
         if ai == _AI_8:
-            return struct.unpack(">d", self.mv[start + 1 : start + 9])[0]
+            return struct.unpack(">d", struct.pack(">Q", n))[0]
         if n == _FALSE:
             return False
         if n == _TRUE:
@@ -310,7 +352,7 @@ class Decoder:
 
     def finish(self):
         if self.pos != self.end:
-            raise CBORError("%d trailing bytes at offset %d" % (self.end - self.pos, self.pos))
+            _fail("%d trailing bytes at offset %d", self.end - self.pos, self.pos)
 
 
 def loads(data, max_depth=MAX_DEPTH):

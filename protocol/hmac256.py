@@ -49,9 +49,16 @@ def hmac_sha256(key, msg):
 
 def equal(a, b):
     """Compare two MACs in time that depends only on their lengths."""
-    if len(a) != len(b):
+    return len(a) == len(b) and equal_prefix(a, b)
+
+
+def equal_prefix(full, tag):
+    """Compare tag with the first len(tag) bytes of full (a truncated MAC,
+    as alg 4 uses), in time that depends only on len(tag)."""
+    n = len(tag)
+    if n > len(full):
         return False
     r = 0
-    for i in range(len(a)):
-        r |= a[i] ^ b[i]
+    for i in range(n):
+        r |= full[i] ^ tag[i]
     return r == 0

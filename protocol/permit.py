@@ -34,8 +34,8 @@
 # verify() itself changes nothing: marking a permit used, starting its exi
 # timer and raising the time floor are the caller's, once it acts on it.
 import wire
-from cbor import CBORError, Decoder, encode_head, loads
-from hmac256 import HMAC256, equal
+from cbor import CBORError, Decoder
+from hmac256 import HMAC256, equal_prefix
 
 try:
     from micropython import const
@@ -67,35 +67,32 @@ def _text(v):
     return isinstance(v, str) and len(v) <= wire.MAX_TEXT_CLAIM
 
 
-def parse(token):
+def parse(token, d=None):
     """Split a token into (alg, kid, protected, payload, tag).
 
     protected, payload and tag are memoryview slices of token. Raises
-    CBORError on any structural problem."""
-    d = Decoder(token)
-    major, n = d.head()
-    if major == _MAJ_TAG and n == wire.TAG_CWT:
-        major, n = d.head()
-    if major != _MAJ_TAG or n != wire.TAG_MAC0:
+    CBORError on any structural problem. d is a Decoder to reuse."""
+    if d is None:
+        d = Decoder(token)
+    else:
+        d.reset(token)
+    n = d._head()
+    if d.major == _MAJ_TAG and n == wire.TAG_CWT:
+        n = d._head()
+    if d.major != _MAJ_TAG or n != wire.TAG_MAC0:
         raise CBORError("not a COSE_Mac0 (tag 17)")
-    major, n = d.head()
-    if major != _MAJ_ARRAY or n != 4:
+    if d._head() != 4 or d.major != _MAJ_ARRAY:
         raise CBORError("COSE_Mac0 is not an array of 4")
-    major, n = d.head()
-    if major != _MAJ_BYTES:
-        raise CBORError("protected header is not a byte string")
-    protected = d.take(n)
+    protected = _bstr(d)
     unprotected = d.item(_HDR_DEPTH)
-    major, n = d.head()
-    if major != _MAJ_BYTES:
-        raise CBORError("payload is not a byte string")
-    payload = d.take(n)
-    major, n = d.head()
-    if major != _MAJ_BYTES:
-        raise CBORError("tag is not a byte string")
-    tag = d.take(n)
+    payload = _bstr(d)
+    tag = _bstr(d)
     d.finish()
-    prot = loads(protected, _HDR_DEPTH) if len(protected) else {}
+    prot = {}
+    if len(protected):
+        d.reset(protected, _HDR_DEPTH)
+        prot = d.item()
+        d.finish()
     if not isinstance(prot, dict) or not isinstance(unprotected, dict):
         raise CBORError("header is not a map")
     if wire.HDR_CRIT in prot or wire.HDR_CRIT in unprotected:
@@ -111,20 +108,46 @@ def parse(token):
     return alg, kid, protected, payload, tag
 
 
+def _bstr(d):
+    n = d._head()
+    if d.major != _MAJ_BYTES:
+        raise CBORError("COSE_Mac0 member is not a byte string")
+    return d.take(n)
+
+
+_HD = bytearray(9)  # scratch for one CBOR head
+
+
+def _bstr_head(n):
+    # the head of a byte string of length n, in _HD (n <= MAX_PERMIT)
+    if n < 24:
+        _HD[0] = 0x40 | n
+        return memoryview(_HD)[:1]
+    if n < 256:
+        _HD[0] = 0x58
+        _HD[1] = n
+        return memoryview(_HD)[:2]
+    _HD[0] = 0x59
+    _HD[1] = n >> 8
+    _HD[2] = n & 0xFF
+    return memoryview(_HD)[:3]
+
+
 def mac_of(key, protected, payload):
-    """HMAC-SHA256 over the COSE MAC_structure, fed piece by piece."""
+    """HMAC-SHA256 over the COSE MAC_structure
+    ["MAC0", protected, external_aad = h'', payload], fed piece by piece."""
     h = key.inner()
     h.update(_MAC0_PREFIX)
-    hd = bytearray()
-    encode_head(hd, _MAJ_BYTES, len(protected))
-    h.update(hd)
+    h.update(_bstr_head(len(protected)))
     h.update(protected)
     h.update(_EMPTY_AAD)
-    hd = bytearray()
-    encode_head(hd, _MAJ_BYTES, len(payload))
-    h.update(hd)
+    h.update(_bstr_head(len(payload)))
     h.update(payload)
     return key.finish(h)
+
+
+def _opt(c, k, check):
+    return k not in c or check(c[k])
 
 
 def _claims_ok(c):
@@ -135,18 +158,20 @@ def _claims_ok(c):
     cti = c.get(wire.CLAIM_CTI)
     if not isinstance(cti, bytes) or not 0 < len(cti) <= wire.MAX_CTI:
         return False
-    for k in (wire.CLAIM_ISS, wire.CLAIM_SUB):
-        if k in c and not _text(c[k]):
-            return False
-    for k in (wire.CLAIM_EXP, wire.CLAIM_NBF, wire.CLAIM_IAT, wire.CLAIM_EXI):
-        if k in c and not _uint(c[k]):
-            return False
+    # (no loops over tuples of wire.* here: those tuples are built per call)
+    if not _opt(c, wire.CLAIM_ISS, _text) or not _opt(c, wire.CLAIM_SUB, _text):
+        return False
+    if not _opt(c, wire.CLAIM_EXP, _uint) or not _opt(c, wire.CLAIM_NBF, _uint):
+        return False
+    if not _opt(c, wire.CLAIM_IAT, _uint) or not _opt(c, wire.CLAIM_EXI, _uint):
+        return False
     if wire.CLAIM_EXP not in c and wire.CLAIM_EXI not in c:
         return False  # a permit must end somewhere
     act = c.get(wire.CLAIM_ACTION)
     if not _uint(act) or not 0 < act < len(wire.ACTION_NAMES):
         return False
-    if c.get(wire.CLAIM_USES, wire.USES_SINGLE) not in (wire.USES_MANY, wire.USES_SINGLE):
+    uses = c.get(wire.CLAIM_USES, wire.USES_SINGLE)
+    if uses != wire.USES_MANY and uses != wire.USES_SINGLE:
         return False
     scope = c.get(wire.CLAIM_SCOPE)
     if scope is not None:
@@ -165,11 +190,23 @@ def _claims_ok(c):
     return True
 
 
+_dec = None
+
+
+def _decoder():
+    # verify() never yields, so one module-level decoder serves every call
+    global _dec
+    if _dec is None:
+        _dec = Decoder(b"")
+    return _dec
+
+
 def verify(token, env, action=None, index=None):
     if len(token) > wire.MAX_PERMIT:
         return wire.TOO_LARGE, None
+    d = _decoder()  # one decoder for the token, its headers and its claims
     try:
-        alg, kid, protected, payload, tag = parse(token)
+        alg, kid, protected, payload, tag = parse(token, d)
     except CBORError:
         return wire.MALFORMED, None
     if alg == wire.ALG_HMAC256_256:
@@ -190,12 +227,13 @@ def verify(token, env, action=None, index=None):
         key = HMAC256(key)
     if len(tag) != tag_len:
         return wire.BAD_MAC, None
-    full = mac_of(key, protected, payload)
-    if not equal(memoryview(full)[:tag_len], tag):
+    if not equal_prefix(mac_of(key, protected, payload), tag):
         return wire.BAD_MAC, None
 
     try:
-        c = loads(payload, _CLAIMS_DEPTH)
+        d.reset(payload, _CLAIMS_DEPTH)
+        c = d.item()
+        d.finish()
     except CBORError:
         return wire.MALFORMED, None
     if not _claims_ok(c):

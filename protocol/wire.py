@@ -95,3 +95,21 @@ def reason_name(code):
     if 0 <= code < len(REASON_NAMES):
         return REASON_NAMES[code]
     return "reason_" + str(code)
+
+
+def json_form(v):
+    """Claims (or any decoded CBOR of ints, text, bytes, lists, maps) as
+    JSON-able values: map keys become strings, bytes become hex. The console,
+    the vectors and the host print claims in this one form."""
+    if isinstance(v, dict):
+        out = {}
+        for k in v:
+            out[str(k)] = json_form(v[k])
+        return out
+    if isinstance(v, (list, tuple)):
+        return [json_form(x) for x in v]
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        from binascii import hexlify
+
+        return hexlify(bytes(v)).decode()
+    return v

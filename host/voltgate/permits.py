@@ -8,13 +8,14 @@ protocol/permit.py, and the shared vectors hold both to that.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 
 import cbor2
 from cwt import COSE, COSEKey
 
-from . import keys, wire
+from . import keys, tree, wire
 from .errors import EXIT_USAGE, VoltgateError
 
 ALG_NAMES = {wire.ALG_HMAC256_256: "HMAC 256/256", wire.ALG_HMAC256_64: "HMAC 256/64"}
@@ -40,10 +41,14 @@ def build_claims(
     max_w: int | None = None,
     single_use: bool = True,
     cti: bytes | None = None,
-    issuer: str | None = "voltgate",
+    issuer: str | None = None,
 ) -> dict:
     """The claims map with integer keys (python-cwt drops integer private
-    claims when string names are mixed in, so only integers are used)."""
+    claims when string names are mixed in, so only integers are used).
+
+    iss is left out unless given: a board trusts a permit because of the MAC
+    under its own key, not because of a name, and every claim costs bytes on
+    a QR code and heap on the board."""
     keys.check_device_id(device_id)
     if action not in wire.ACTION_CODES:
         raise VoltgateError(f"unknown action {action!r}", "one of " + ", ".join(wire.ACTION_CODES), EXIT_USAGE)
@@ -139,11 +144,31 @@ class _Malformed(Exception):
     pass
 
 
-def _split(token: bytes):
+_board_cbor = tree.load_protocol_module("cbor")
+
+
+def strict_loads(data: bytes, max_depth: int = 16):
+    """cbor2.loads, gated by the board's own decoder (protocol/cbor.py).
+
+    cbor2 is lenient where the board is strict (trailing bytes, indefinite
+    lengths, duplicate map keys); what the board rejects as malformed, the
+    host must too, or `permit verify` would pass tokens a board refuses."""
     try:
-        obj = cbor2.loads(token)
+        _board_cbor.loads(data, max_depth)
+    except _board_cbor.CBORError as e:
+        raise _Malformed(str(e)) from None
+    fp = io.BytesIO(data)
+    try:
+        value = cbor2.CBORDecoder(fp).decode()
     except Exception as e:  # cbor2 raises several types for bad input
         raise _Malformed(str(e)) from None
+    if fp.tell() != len(data):
+        raise _Malformed(f"{len(data) - fp.tell()} trailing bytes")
+    return value
+
+
+def _split(token: bytes):
+    obj = strict_loads(token)
     if isinstance(obj, cbor2.CBORTag) and obj.tag == wire.TAG_CWT:
         obj = obj.value
     if not isinstance(obj, cbor2.CBORTag) or obj.tag != wire.TAG_MAC0:
@@ -156,12 +181,14 @@ def _split(token: bytes):
         raise _Malformed("bad COSE_Mac0 member types")
     if not isinstance(unprotected, dict):
         raise _Malformed("unprotected header is not a map")
-    try:
-        prot = cbor2.loads(protected) if protected else {}
-    except Exception as e:
-        raise _Malformed(str(e)) from None
+    prot = strict_loads(protected, 2) if protected else {}
     if not isinstance(prot, dict):
         raise _Malformed("protected header is not a map")
+    for hdr in (prot, unprotected):
+        # the board decodes header maps two levels deep: values are scalars
+        # (or empty containers), as for every header voltgate uses
+        if any(isinstance(x, cbor2.CBORTag) or (isinstance(x, (list, dict)) and x) for x in hdr.values()):
+            raise _Malformed("nested header value")
     if wire.HDR_CRIT in prot or wire.HDR_CRIT in unprotected:
         raise _Malformed("crit headers unsupported")
     alg = None if wire.HDR_ALG in unprotected else prot.get(wire.HDR_ALG)
@@ -211,7 +238,7 @@ def verify(token: bytes, ctx: CheckContext, action: int | None = None, index: in
         mac0, alg, kid, payload, tag = _split(token)
     except _Malformed:
         return Verdict(wire.MALFORMED)
-    if alg not in TAG_LEN:
+    if not isinstance(alg, int) or isinstance(alg, bool) or alg not in TAG_LEN:
         return Verdict(wire.BAD_ALG, kid=kid)
     if kid is None:
         return Verdict(wire.UNKNOWN_KEY, alg=alg)
@@ -231,8 +258,8 @@ def verify(token: bytes, ctx: CheckContext, action: int | None = None, index: in
         return Verdict(reason, claims, alg, kid)
 
     try:
-        c = cbor2.loads(payload)
-    except Exception:
+        c = strict_loads(payload, 3)
+    except _Malformed:
         return v(wire.MALFORMED)
     if not _claims_ok(c):
         return v(wire.MALFORMED)

@@ -9,5 +9,6 @@ _w = tree.load_protocol_module("wire")
 
 globals().update({k: v for k, v in vars(_w).items() if k.isupper()})
 reason_name = _w.reason_name
+json_form = _w.json_form
 REASON_CODES = {name: code for code, name in enumerate(_w.REASON_NAMES)}
 ACTION_CODES = {name: code for code, name in enumerate(_w.ACTION_NAMES) if name}

@@ -1,0 +1,101 @@
+"""Test harness: the same check code on CPython and on the real MicroPython.
+
+Fixtures:
+  interp    parametrized over "cpython" and "micropython": interp.call(module,
+            fn, *args) calls a function of a module in tests/mp/ (or protocol/,
+            firmware/) on that interpreter, with JSON-able args and result.
+            MicroPython calls go to one long-lived worker per module
+            (voltgate.mpy.Worker); an exception inside MicroPython fails the
+            test with MicroPython's own traceback.
+  mp        one-shot runs: mp.run(script=..., code=..., heapsize=..., compiled=...)
+            returns voltgate.mpy.Result (records emitted with vgemit.emit).
+  firmware_build   the .mpy tree (voltgate.build) in a session temp folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from voltgate import build, mpy, tree
+
+ROOT = tree.root()
+MP_TESTS = ROOT / "tests" / "mp"
+VECTORS = tree.vectors_dir()
+
+# CPython side of `interp`: the board modules become importable here. Their
+# names (cbor, wire, permit, framing, hmac256) are not used by the host package.
+for p in (tree.firmware_dir(), tree.protocol_dir(), mpy.MPSIDE, MP_TESTS):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+class Interp:
+    def __init__(self, name: str, workers: dict):
+        self.name = name
+        self._workers = workers
+
+    def call(self, module: str, fn: str, *args):
+        if self.name == "cpython":
+            res = getattr(importlib.import_module(module), fn)(*args)
+            # round-trip through JSON so both interpreters return the same types
+            return json.loads(json.dumps(res))
+        w = self._workers.get(module)
+        if w is None or w.proc.poll() is not None:
+            w = self._workers[module] = mpy.Worker(module, path=mpy.source_path(MP_TESTS))
+        return w.call(fn, *args)
+
+    def __repr__(self):
+        return self.name
+
+
+@pytest.fixture(scope="session")
+def _mp_workers():
+    workers: dict = {}
+    yield workers
+    for w in workers.values():
+        w.close()
+
+
+@pytest.fixture(params=["cpython", "micropython"])
+def interp(request, _mp_workers):
+    return Interp(request.param, _mp_workers)
+
+
+@pytest.fixture(scope="session")
+def mp_worker(_mp_workers):
+    """interp for MicroPython only (for property tests that are about the board)."""
+    return Interp("micropython", _mp_workers)
+
+
+class MP:
+    def __init__(self, compiled_path: list[str] | None):
+        self._compiled = compiled_path
+
+    def run(self, script=None, code=None, *, heapsize=None, args=(), compiled=False, timeout=120, check=True):
+        if compiled:
+            path = [str(mpy.MPSIDE), str(MP_TESTS), *self._compiled]
+        else:
+            path = mpy.source_path(MP_TESTS)
+        return mpy.run(script, code, path=path, heapsize=heapsize, args=args, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="session")
+def firmware_build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fw") / "firmware"
+    build.build(out, cache=ROOT / "build" / "cache")
+    return out
+
+
+@pytest.fixture(scope="session")
+def mp(firmware_build):
+    return MP(build.board_path(firmware_build))
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    return VECTORS

@@ -1,0 +1,53 @@
+"""The MicroPython harness itself: results come back, failures are readable."""
+
+import pytest
+
+from voltgate.mpy import MicroPythonError
+
+
+def test_interp_runs_on_the_named_interpreter(interp):
+    assert interp.call("harness_checks", "implementation") == interp.name
+
+
+def test_values_round_trip(interp):
+    value = {"a": [1, -2, 2**64 - 1, "é"], "b": None}
+    assert interp.call("harness_checks", "echo", value) == value
+
+
+def test_exception_inside_micropython_carries_its_traceback(mp_worker):
+    with pytest.raises(MicroPythonError) as info:
+        mp_worker.call("harness_checks", "fail", "boom-42")
+    text = str(info.value)
+    assert info.value.exc_type == "ValueError"
+    assert "boom-42" in text and "harness_checks.py" in text and "Traceback" in text
+
+
+def test_one_shot_run_emits_records(mp):
+    res = mp.run(code="from vgemit import emit\nimport sys\nemit({'impl': sys.implementation.name, 'n': 3})\n")
+    assert res.record == {"impl": "micropython", "n": 3}
+
+
+def test_failing_script_raises_with_micropython_traceback(mp):
+    with pytest.raises(MicroPythonError) as info:
+        mp.run(code="def f():\n    raise OSError(5)\nf()\n")
+    assert "OSError" in str(info.value) and "line 2" in str(info.value)
+
+
+def test_heapsize_limit_is_enforced(mp):
+    code = "buf = bytearray(80 * 1024)\nprint('allocated')\n"
+    assert mp.run(code=code, heapsize=256 * 1024).returncode == 0
+    with pytest.raises(MicroPythonError) as info:
+        mp.run(code=code, heapsize=64 * 1024)
+    assert "MemoryError" in str(info.value) and "heapsize=65536" in str(info.value)
+
+
+def test_compiled_tree_holds_only_mpy(firmware_build):
+    files = [p for p in firmware_build.rglob("*") if p.is_file()]
+    assert files and all(p.suffix == ".mpy" for p in files)
+    names = {p.relative_to(firmware_build).as_posix() for p in files}
+    assert {"cbor.mpy", "permit.mpy", "framing.mpy", "wire.mpy", "hmac256.mpy", "lib/umqtt/simple.mpy"} <= names
+
+
+def test_compiled_modules_load_on_micropython(mp):
+    res = mp.run(code="import cbor, permit, framing\nfrom vgemit import emit\nemit(cbor.__file__)\n", compiled=True)
+    assert res.record.endswith("cbor.mpy")
