@@ -54,6 +54,34 @@ MAX_SCOPE = const(16)  # indexes in a scope (a station has at most 16 slots)
 MAX_TEXT_CLAIM = const(64)  # bytes of iss, sub, aud
 MAX_FRAME = const(2048)  # payload bytes of one serial frame
 
+# Message envelope (SPEC.md, Messages): a CBOR map with these keys
+ENV_TYPE = const(0)  # uint, MSG_*
+ENV_ID = const(1)  # uint, request id; a reply echoes it
+ENV_DEVICE = const(2)  # text, device id (serial link; implied by the topic on MQTT)
+ENV_BODY = const(3)  # any, the message's own fields
+ENV_REASON = const(4)  # uint, reason code of an error reply
+ENV_COUNTER = const(5)  # uint, anti-replay counter of a command
+ENV_NONCE = const(6)  # bytes, the board's fresh nonce a time sync answers
+
+# Message types: requests 1-31 (server to board), replies 32-63 (board to
+# server, 32 + request type), unsolicited 64-95 (board to server)
+MSG_HELLO = const(1)
+MSG_STATUS = const(2)
+MSG_GET_LOG = const(3)
+MSG_ACK = const(4)
+MSG_TIME_SYNC = const(5)
+MSG_REVOKE = const(6)
+MSG_RELAY_OFF = const(7)
+MSG_UNLOCK = const(8)
+MSG_CLEAR_FAULT = const(9)
+MSG_CONFIG = const(10)
+MSG_PING = const(11)
+MSG_PRESENT = const(12)  # a permit handed over a local channel
+MSG_REPLY = const(32)  # reply type = MSG_REPLY + request type
+MSG_ERROR = const(63)
+MSG_ALARM = const(64)
+MSG_STATE = const(65)  # online / offline (the retained state and the last will)
+
 # Reason codes. 0 is success; every rejection has one code, logged and shown.
 # Append only: a code, once published, keeps its number and meaning.
 OK = const(0)

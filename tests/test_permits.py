@@ -86,7 +86,8 @@ def test_permit_sizes_fit_a_qr_code():
     t4 = permits.issue(key, 1, alg=wire.ALG_HMAC256_64, **args)
     # 32- vs 8-byte tag (24 bytes) and its bstr head (0x58 0x20 vs 0x48): nothing else differs
     assert len(t5) - len(t4) == 25
-    assert len(t5) <= 154  # fits a version 7 QR code in binary mode at level M
+    assert len(t5) <= 154  # a version-7 QR code in byte mode at level L
+    assert len(t4) <= 122  # ... and at level M
 
 
 def test_issue_rejects_bad_requests():

@@ -9,6 +9,7 @@ key, so a cloned board cannot forge permits for any other board.
 
 import hashlib
 import hmac
+import os
 import re
 
 from .errors import EXIT_USAGE, VoltgateError
@@ -55,3 +56,37 @@ def version_of(kid: bytes) -> int | None:
     if not isinstance(kid, bytes) or not 1 <= len(kid) <= 2 or kid[0] == 0:
         return None
     return int.from_bytes(kid, "big")
+
+
+def create_master(path) -> bytes:
+    """Write a new random 32-byte master secret to path, readable by its owner only.
+
+    Refuses to overwrite: losing a master secret orphans every board keyed from it."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = os.urandom(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise VoltgateError(f"{path} exists already", "use it, or move it away first", EXIT_USAGE) from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    return secret
+
+
+def load_master(path) -> bytes:
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise VoltgateError(f"no master secret at {path}", "create one with provisioning", EXIT_USAGE) from None
+    if st.st_mode & 0o077:
+        raise VoltgateError(f"{path} is readable by others", f"chmod 600 {path}", EXIT_USAGE)
+    if len(data) != 32:
+        raise VoltgateError(f"{path} does not hold a 32-byte master secret", None, EXIT_USAGE)
+    return data
