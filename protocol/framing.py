@@ -85,8 +85,10 @@ def _unstuff(buf, n):
 class Deframer:
     """Turns a byte stream into payloads. Allocates its buffer once.
 
-    feed() returns a list of the payloads completed by the bytes given
-    (usually none or one). Counters say what was thrown away."""
+    feed() returns the payloads completed by the bytes given (usually none
+    or one): a list, or the empty tuple () when none completed, so feeding
+    bytes that complete no frame allocates nothing. Counters say what was
+    thrown away."""
 
     def __init__(self, max_payload=wire.MAX_FRAME):
         self.max_payload = max_payload
@@ -103,44 +105,49 @@ class Deframer:
         self._n = 0
         self._skip = False
 
-    def _end(self):
+    def _end(self, out):
+        # A delimiter: check the frame collected so far. Returns out, with the
+        # payload appended if the frame is good (a new list if out was ()).
         n = self._n
         self._n = 0
         if self._skip:
             self._skip = False
-            return None
+            return out
         if n == 0:
-            return None  # back-to-back delimiters
+            return out  # back-to-back delimiters
         buf = self._buf
         m = _unstuff(buf, n)
         if m < _CRC_LEN:
             self.bad_cobs += 1
-            return None
+            return out
         m -= _CRC_LEN
         mv = memoryview(buf)
         got = buf[m] | (buf[m + 1] << 8) | (buf[m + 2] << 16) | (buf[m + 3] << 24)
         if crc32(mv[:m]) & 0xFFFFFFFF != got:
             self.bad_crc += 1
-            return None
+            return out
         if m > self.max_payload:
             self.overflows += 1
-            return None
+            return out
         self.frames += 1
-        return bytes(mv[:m])
+        if out:
+            out.append(bytes(mv[:m]))
+            return out
+        return [bytes(mv[:m])]
 
     def feed(self, data):
-        out = []
-        buf = self._buf
-        cap = self._cap
+        # Touches the heap only when a frame completes: no list until then
+        # (() is a constant), and few enough locals that MicroPython keeps
+        # this call's state on the C stack (a function needing more than 11
+        # slots of locals + stack gets it heap-allocated on every call).
+        out = ()
         for b in data:
             if b == _DELIM:
-                p = self._end()
-                if p is not None:
-                    out.append(p)
+                out = self._end(out)
             elif self._skip:
                 pass
-            elif self._n < cap:
-                buf[self._n] = b
+            elif self._n < self._cap:
+                self._buf[self._n] = b
                 self._n += 1
             else:
                 self.overflows += 1
