@@ -196,6 +196,24 @@ def _half(h):
     return -v if h & 0x8000 else v
 
 
+def _utf8_strict(mv, i, end):
+    # MicroPython's str() checks only the byte structure of UTF-8; RFC 3629
+    # also forbids overlong forms (lead C0, C1, E0 80..9F, F0 80..8F),
+    # surrogates (ED A0..BF) and code points above U+10FFFF (F4 90.., F5..).
+    # Each shows in a lead byte and the byte after it. Only non-ASCII text
+    # (fewer characters than bytes) gets here.
+    while i < end:
+        c = mv[i]
+        if c >= 0xC0:
+            d = mv[i + 1] if i + 1 < end else 0
+            if c < 0xC2 or c > 0xF4 or (c == 0xE0 and d < 0xA0) or (c == 0xED and d > 0x9F):
+                return False
+            if (c == 0xF0 and d < 0x90) or (c == 0xF4 and d > 0x8F):
+                return False
+        i += 1
+    return True
+
+
 def _fail(msg, *args):
     # Error text is built here, not in the decoding functions: MicroPython
     # heap-allocates the frame of any function whose locals and value stack
@@ -214,7 +232,7 @@ class Decoder:
         self.max_depth = max_depth
         self.major = 0  # major type of the last head
         self.ai = 0  # additional information of the last head (tells float widths)
-        self.reset(data)
+        self.reset(data, max_depth)
 
     def reset(self, data, max_depth=MAX_DEPTH):
         """Start over on new data (reusing a decoder saves its allocation)."""
@@ -299,9 +317,12 @@ class Decoder:
 
     def _text(self, n):
         try:
-            return str(self.take(n), "utf-8")
+            s = str(self.take(n), "utf-8")
         except UnicodeError:
             _fail("text ending at offset %d is not valid UTF-8", self.pos)
+        if len(s) != n and not _utf8_strict(self.mv, self.pos - n, self.pos):
+            _fail("text ending at offset %d is not valid UTF-8", self.pos)
+        return s
 
     def _array(self, n, depth):
         if n > self.end - self.pos:

@@ -51,3 +51,13 @@ def test_compiled_tree_holds_only_mpy(firmware_build):
 def test_compiled_modules_load_on_micropython(mp):
     res = mp.run(code="import cbor, permit, framing\nfrom vgemit import emit\nemit(cbor.__file__)\n", compiled=True)
     assert res.record.endswith("cbor.mpy")
+
+
+def test_worker_survives_a_flood_of_stderr(mp_worker):
+    # more than a pipe buffer (64 KB): a worker whose stderr is not drained would block
+    assert mp_worker.call("harness_checks", "noisy", 300_000) == 300_000
+    assert mp_worker.call("harness_checks", "echo", 1) == 1
+
+
+def test_text_beyond_the_bmp_round_trips(interp):
+    assert interp.call("harness_checks", "echo", "U+1F600 😀 and é") == "U+1F600 😀 and é"

@@ -141,17 +141,27 @@ class Worker:
     thousands of calls, so they keep one worker and talk over its pipes."""
 
     def __init__(self, module: str, *, path: list[str] | None = None, heapsize: int | None = None, timeout: float = 30):
+        import tempfile
+
         self.module = module
         self.timeout = timeout
+        # stderr goes to a file, not a pipe: nobody reads it while calls run,
+        # and a full pipe (the unix port warns on bytes/str comparisons) would
+        # block the worker mid-call
+        self._stderr = tempfile.TemporaryFile(mode="w+", prefix="vgworker_")
         self.proc = subprocess.Popen(
             _argv(str(MPSIDE / "vgworker.py"), heapsize, [module]),
             env=_env(path if path is not None else source_path()),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=self._stderr,
+            encoding="utf-8",
             bufsize=1,
         )
+
+    def _stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()
 
     def call(self, fn: str, *args):
         """Call module.fn(*args) inside MicroPython; JSON-able args and result.
@@ -159,8 +169,10 @@ class Worker:
         An exception inside MicroPython comes back as MicroPythonError with
         its traceback (attribute `exc_type` names its type)."""
         if self.proc.poll() is not None:
-            raise MicroPythonError("MicroPython worker is not running", self.proc.stderr.read())
-        self.proc.stdin.write(json.dumps({"f": fn, "a": list(args)}) + "\n")
+            raise MicroPythonError("MicroPython worker is not running", self._stderr_text())
+        # raw UTF-8, not \u escapes: MicroPython's json turns an escaped
+        # surrogate pair into two lone surrogates
+        self.proc.stdin.write(json.dumps({"f": fn, "a": list(args)}, ensure_ascii=False) + "\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
         line = self.proc.stdout.readline() if ready else ""
@@ -168,7 +180,7 @@ class Worker:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
-            output = self.proc.stderr.read()
+            output = self._stderr_text()
             self.close()
             raise MicroPythonError(
                 f"MicroPython worker gave no answer to {fn}() within {self.timeout} s" if not ready else f"MicroPython worker died in {fn}()",
@@ -189,7 +201,7 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for f in (self.proc.stdout, self.proc.stderr):
+        for f in (self.proc.stdout, self._stderr):
             if f and not f.closed:
                 f.close()
 

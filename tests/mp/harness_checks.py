@@ -12,3 +12,11 @@ def echo(x):
 
 def fail(msg):
     raise ValueError(msg)
+
+
+def noisy(n):
+    """Write n bytes to stderr (as the unix port's warnings do), return n."""
+    line = "x" * 99 + "\n"
+    for _ in range(n // 100):
+        sys.stderr.write(line)
+    return n
