@@ -316,13 +316,20 @@ class Decoder:
     # nothing beyond the values they return.
 
     def _text(self, n):
+        s = self._str(n)
+        if len(s) != n:  # non-ASCII: str() checked only the byte structure
+            self._strict_utf8(n)
+        return s
+
+    def _str(self, n):
         try:
-            s = str(self.take(n), "utf-8")
+            return str(self.take(n), "utf-8")
         except UnicodeError:
             _fail("text ending at offset %d is not valid UTF-8", self.pos)
-        if len(s) != n and not _utf8_strict(self.mv, self.pos - n, self.pos):
+
+    def _strict_utf8(self, n):
+        if not _utf8_strict(self.mv, self.pos - n, self.pos):
             _fail("text ending at offset %d is not valid UTF-8", self.pos)
-        return s
 
     def _array(self, n, depth):
         if n > self.end - self.pos:
