@@ -41,7 +41,7 @@ test: setup firmware
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: setup firmware
-	$(BIN)/voltgate demo
+	$(BIN)/voltgate demo --firmware $(BUILD)/firmware
 
 bench: setup firmware
 	$(PY) bench/run.py --out bench/RESULTS.md
