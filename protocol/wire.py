@@ -82,6 +82,25 @@ MSG_ERROR = const(63)
 MSG_ALARM = const(64)
 MSG_STATE = const(65)  # online / offline (the retained state and the last will)
 
+# Flash log record types (SPEC.md, Readings log). The range says how a full
+# log treats them: readings are thinned first, events next, billing last.
+LOG_READINGS_END = const(32)  # 1..31: readings
+LOG_EVENTS_END = const(64)  # 32..63: events; 64..95: billing
+LOG_SLOT_READING = const(1)
+LOG_OUTLET_READING = const(2)
+LOG_BOOT = const(32)
+LOG_STATE = const(33)
+LOG_PERMIT = const(34)  # a permit verdict
+LOG_ALARM = const(35)
+LOG_CLOCK = const(36)
+LOG_ERROR = const(37)  # an unhandled exception, logged before a reset
+LOG_CONFIG = const(38)
+LOG_BATTERY_OUT = const(64)
+LOG_BATTERY_IN = const(65)
+LOG_SESSION_START = const(66)
+LOG_SESSION_END = const(67)
+LOG_ENERGY = const(68)
+
 # Reason codes. 0 is success; every rejection has one code, logged and shown.
 # Append only: a code, once published, keeps its number and meaning.
 OK = const(0)
