@@ -28,7 +28,9 @@ def max_encoded(n):
     return body + body // 254 + 1 + 2
 
 
-def encode(payload):
+def encode(payload, max_payload=wire.MAX_FRAME):
+    if len(payload) > max_payload:
+        raise ValueError("frame payload of %d bytes exceeds %d" % (len(payload), max_payload))
     body = bytearray(payload)
     c = crc32(payload) & 0xFFFFFFFF
     body.append(c & 0xFF)

@@ -17,6 +17,7 @@ class HMAC256:
     """A key prepared once (pads computed in __init__), then used for many MACs."""
 
     def __init__(self, key):
+        self.key_len = len(key)  # callers may insist on a length (permits: 32)
         if len(key) > _BLOCK:
             key = hashlib.sha256(key).digest()
         ipad = bytearray(_BLOCK)

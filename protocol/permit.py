@@ -12,7 +12,7 @@
 #   4 MAC, constant time        bad_mac
 #   5 claim types               malformed
 #   6 aud == this device        wrong_audience
-#   7 time window / exi         time_untrusted, not_yet_valid, expired
+#   7 time window / exi         expired, time_untrusted, not_yet_valid
 #   8 revocation                revoked
 #   9 replay of single use      replayed
 #  10 action, then scope        wrong_action, out_of_scope
@@ -24,8 +24,11 @@
 # fakes). It must have:
 #   env.device_id             str, this board's id
 #   env.key(kid)              an HMAC256 (or raw 32-byte key) for kid, or None;
+#                             a raw key of another length counts as no key;
 #                             it may raise NoKey when the board has no key at all
 #   env.now()                 trusted Unix time (int) or None while untrusted
+#   env.floor()               a lower bound on the real Unix time, always known
+#                             (the time floor; equals now() when trusted)
 #   env.leeway                seconds of clock skew tolerated on nbf/exp
 #   env.revoked(cti, sub)     True if the permit or its user is revoked
 #   env.used(cti)             True if this single-use permit was already used
@@ -53,6 +56,7 @@ _HDR_DEPTH = const(2)  # header maps hold scalars only
 _CLAIMS_DEPTH = const(3)  # claims -> limits map -> values
 _MAC0_PREFIX = b"\x84\x64MAC0"  # array(4), "MAC0"
 _EMPTY_AAD = b"\x40"
+_KEY_LEN = const(32)
 
 
 class NoKey(Exception):
@@ -64,7 +68,8 @@ def _uint(v):
 
 
 def _text(v):
-    return isinstance(v, str) and len(v) <= wire.MAX_TEXT_CLAIM
+    # bytes, as CBOR and the CDDL count them (len() of a str counts characters)
+    return isinstance(v, str) and (len(v) <= wire.MAX_TEXT_CLAIM // 4 or len(v.encode()) <= wire.MAX_TEXT_CLAIM)
 
 
 def parse(token, d=None):
@@ -97,10 +102,13 @@ def parse(token, d=None):
         raise CBORError("header is not a map")
     if wire.HDR_CRIT in prot or wire.HDR_CRIT in unprotected:
         raise CBORError("critical header parameters are not supported")
-    # alg only counts when protected; alg in the unprotected bucket is the
-    # downgrade attack RFC 9052 section 3 forbids
+    for k in prot:
+        if k in unprotected:  # RFC 9052 section 3: a label in one bucket only
+            raise CBORError("header label in both buckets")
+    # alg only counts when protected: alg in the unprotected bucket is the
+    # downgrade RFC 9052 forbids. An integer, not 5.0 (which == 5).
     alg = prot.get(wire.HDR_ALG)
-    if wire.HDR_ALG in unprotected:
+    if wire.HDR_ALG in unprotected or not _uint(alg):
         alg = None
     kid = unprotected.get(wire.HDR_KID, prot.get(wire.HDR_KID))
     if kid is not None and not isinstance(kid, bytes):
@@ -133,14 +141,19 @@ def _bstr_head(n):
     return memoryview(_HD)[:3]
 
 
-def mac_of(key, protected, payload):
+def mac_of(key, protected, payload, aad=None):
     """HMAC-SHA256 over the COSE MAC_structure
-    ["MAC0", protected, external_aad = h'', payload], fed piece by piece."""
+    ["MAC0", protected, external_aad, payload], fed piece by piece.
+    Permits use an empty external_aad; signed commands their own label."""
     h = key.inner()
     h.update(_MAC0_PREFIX)
     h.update(_bstr_head(len(protected)))
     h.update(protected)
-    h.update(_EMPTY_AAD)
+    if aad is None:
+        h.update(_EMPTY_AAD)
+    else:
+        h.update(_bstr_head(len(aad)))
+        h.update(aad)
     h.update(_bstr_head(len(payload)))
     h.update(payload)
     return key.finish(h)
@@ -150,7 +163,7 @@ def _opt(c, k, check):
     return k not in c or check(c[k])
 
 
-def _claims_ok(c):
+def claims_ok(c):
     if not isinstance(c, dict):
         return False
     if not _text(c.get(wire.CLAIM_AUD)):
@@ -165,13 +178,13 @@ def _claims_ok(c):
         return False
     if not _opt(c, wire.CLAIM_IAT, _uint) or not _opt(c, wire.CLAIM_EXI, _uint):
         return False
-    if wire.CLAIM_EXP not in c and wire.CLAIM_EXI not in c:
-        return False  # a permit must end somewhere
+    if wire.CLAIM_EXP not in c:
+        return False  # every permit ends: exi only ever shortens it
     act = c.get(wire.CLAIM_ACTION)
     if not _uint(act) or not 0 < act < len(wire.ACTION_NAMES):
         return False
     uses = c.get(wire.CLAIM_USES, wire.USES_SINGLE)
-    if uses != wire.USES_MANY and uses != wire.USES_SINGLE:
+    if not _uint(uses) or uses > wire.USES_SINGLE:
         return False
     scope = c.get(wire.CLAIM_SCOPE)
     if scope is not None:
@@ -201,7 +214,11 @@ def _decoder():
     return _dec
 
 
-def verify(token, env, action=None, index=None):
+def verify(token, env, action, index=None):
+    """action: the action the caller is about to take (None only in tools
+    that inspect a permit without acting on it); index: the slot or outlet
+    it acts on, checked against the scope (None: the caller picks within the
+    scope itself)."""
     if len(token) > wire.MAX_PERMIT:
         return wire.TOO_LARGE, None
     d = _decoder()  # one decoder for the token, its headers and its claims
@@ -225,6 +242,8 @@ def verify(token, env, action=None, index=None):
         return wire.UNKNOWN_KEY, None
     if not isinstance(key, HMAC256):
         key = HMAC256(key)
+    if key.key_len != _KEY_LEN:
+        return wire.NO_KEY, None  # a key of another length is no key: fail closed
     if len(tag) != tag_len:
         return wire.BAD_MAC, None
     if not equal_prefix(mac_of(key, protected, payload), tag):
@@ -236,7 +255,7 @@ def verify(token, env, action=None, index=None):
         d.finish()
     except CBORError:
         return wire.MALFORMED, None
-    if not _claims_ok(c):
+    if not claims_ok(c):
         return wire.MALFORMED, None
     if c[wire.CLAIM_AUD] != env.device_id:
         return wire.WRONG_AUDIENCE, c
@@ -245,6 +264,9 @@ def verify(token, env, action=None, index=None):
     exp = c.get(wire.CLAIM_EXP)
     nbf = c.get(wire.CLAIM_NBF)
     exi = c.get(wire.CLAIM_EXI)
+    # past exp is decidable from the floor alone: real time is at least the floor
+    if exp is not None and env.floor() - env.leeway >= exp:
+        return wire.EXPIRED, c
     now = env.now()
     if exp is not None or nbf is not None:
         if now is None:

@@ -14,14 +14,14 @@ import cbor2
 import pycddl
 import pytest
 
-from voltgate import permits, tree, wire
+from voltgate import tree, wire
 
 SRC = (tree.protocol_dir() / "voltgate.cddl").read_text()
 CLAIMS = pycddl.Schema("root = claims\n" + SRC)
 MESSAGE = pycddl.Schema("root = message\n" + SRC)
 CASES = json.loads((tree.vectors_dir() / "permits.json").read_text())["cases"]
-# the one rule the schema cannot state for pycddl (see the .cddl comment)
-NOT_IN_SCHEMA = {"no_end"}
+# pycddl reads a bignum tag (#6.2) as a uint; CDDL's uint is major type 0 only
+PYCDDL_LENIENT = {"exp_bignum"}
 
 
 def _payload(token_hex):
@@ -48,11 +48,12 @@ PAYLOADS = [(c["name"], p) for c in CASES if (p := _payload(c["token"])) is not 
 
 @pytest.mark.parametrize("name,payload", PAYLOADS, ids=[n for n, _ in PAYLOADS])
 def test_schema_and_claim_check_agree(name, payload):
+    board = tree.board_modules()
     try:
-        code_ok = permits._claims_ok(permits.strict_loads(payload, 3))
-    except permits._Malformed:
+        code_ok = board.permit.claims_ok(board.cbor.loads(payload, 3))
+    except board.cbor.CBORError:
         code_ok = False
-    if name in NOT_IN_SCHEMA:
+    if name in PYCDDL_LENIENT:
         assert not code_ok and _valid(CLAIMS, payload)
     else:
         assert _valid(CLAIMS, payload) == code_ok

@@ -28,7 +28,7 @@ from . import tree
 from .errors import EXIT_ENVIRONMENT, VoltgateError
 
 # The protocol modules a board runs (the rest of protocol/ is spec and vectors).
-PROTOCOL_MODULES = ("wire", "cbor", "hmac256", "permit", "framing")
+PROTOCOL_MODULES = ("wire", "cbor", "hmac256", "permit", "command", "framing")
 PYPI_SIMPLE = os.environ.get("VOLTGATE_PYPI_SIMPLE", "https://pypi.org/simple/")
 
 

@@ -8,7 +8,6 @@ protocol/permit.py, and the shared vectors hold both to that.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 
@@ -52,12 +51,14 @@ def build_claims(
     keys.check_device_id(device_id)
     if action not in wire.ACTION_CODES:
         raise VoltgateError(f"unknown action {action!r}", "one of " + ", ".join(wire.ACTION_CODES), EXIT_USAGE)
-    if expires is None and exi is None:
-        raise VoltgateError("a permit needs an end", "give an expiry time or exi seconds", EXIT_USAGE)
+    if expires is None:
+        raise VoltgateError("a permit needs an end", "give an expiry time (exi can only shorten it)", EXIT_USAGE)
     if expires is not None and not_before is not None and expires <= not_before:
         raise VoltgateError("the permit window is empty", "expiry must be after not-before", EXIT_USAGE)
     if scope is not None and not 0 < len(scope) <= wire.MAX_SCOPE:
         raise VoltgateError(f"scope must list 1..{wire.MAX_SCOPE} indexes", None, EXIT_USAGE)
+    if exi is not None and exi <= 0:
+        raise VoltgateError("exi must be a positive number of seconds", None, EXIT_USAGE)
     c: dict = {wire.CLAIM_AUD: device_id, wire.CLAIM_CTI: cti if cti is not None else os.urandom(CTI_LEN)}
     if issuer:
         c[wire.CLAIM_ISS] = issuer
@@ -79,6 +80,12 @@ def build_claims(
     if limits:
         c[wire.CLAIM_LIMITS] = limits
     c[wire.CLAIM_USES] = wire.USES_SINGLE if single_use else wire.USES_MANY
+    if not _board.permit.claims_ok(c):
+        raise VoltgateError(
+            "boards would refuse these claims as malformed",
+            f"ids and texts at most {wire.MAX_TEXT_CLAIM} bytes, cti 1-{wire.MAX_CTI} bytes, scope 1-{wire.MAX_SCOPE} indexes >= 0, limits whole numbers >= 0",
+            EXIT_USAGE,
+        )
     return c
 
 
@@ -116,6 +123,7 @@ class CheckContext:
     device_id: str
     keys: dict[bytes, bytes] = field(default_factory=dict)  # kid -> key
     now: int | None = None  # None: the clock is not trusted
+    floor: int | None = None  # lower bound on real time; None: now, or 0 when untrusted
     leeway: int = 0
     revoked_ctis: set[bytes] = field(default_factory=set)
     revoked_users: set[str] = field(default_factory=set)
@@ -140,156 +148,81 @@ class Verdict:
         return wire.reason_name(self.reason)
 
 
-class _Malformed(Exception):
-    pass
+_board = tree.board_modules()
+# verdicts given before the MAC is checked: python-cwt has nothing to add
+_BEFORE_MAC = {wire.TOO_LARGE, wire.BAD_ALG, wire.NO_KEY, wire.UNKNOWN_KEY, wire.BAD_MAC}
 
 
-_board_cbor = tree.load_protocol_module("cbor")
+class _Env:
+    """A CheckContext in the shape protocol/permit.py expects of a board."""
+
+    def __init__(self, ctx: CheckContext):
+        self._c = ctx
+        self.device_id = ctx.device_id
+        self.leeway = ctx.leeway
+
+    def key(self, kid):
+        if not self._c.has_key:
+            raise _board.permit.NoKey()
+        return self._c.keys.get(kid)
+
+    def now(self):
+        return self._c.now
+
+    def floor(self):
+        return self._c.floor if self._c.floor is not None else (self._c.now or 0)
+
+    def revoked(self, cti, sub):
+        return cti in self._c.revoked_ctis or sub in self._c.revoked_users
+
+    def used(self, cti):
+        return cti in self._c.used_ctis
+
+    def exi_elapsed(self, cti):
+        return self._c.exi_elapsed.get(cti)
 
 
-def strict_loads(data: bytes, max_depth: int = 16):
-    """cbor2.loads, gated by the board's own decoder (protocol/cbor.py).
-
-    cbor2 is lenient where the board is strict (trailing bytes, indefinite
-    lengths, duplicate map keys); what the board rejects as malformed, the
-    host must too, or `permit verify` would pass tokens a board refuses."""
+def _cwt_mac_ok(token: bytes, key: bytes, alg: int, kid: bytes) -> bool:
     try:
-        _board_cbor.loads(data, max_depth)
-    except _board_cbor.CBORError as e:
-        raise _Malformed(str(e)) from None
-    fp = io.BytesIO(data)
-    try:
-        value = cbor2.CBORDecoder(fp).decode()
-    except Exception as e:  # cbor2 raises several types for bad input
-        raise _Malformed(str(e)) from None
-    if fp.tell() != len(data):
-        raise _Malformed(f"{len(data) - fp.tell()} trailing bytes")
-    return value
-
-
-def _split(token: bytes):
-    obj = strict_loads(token)
-    if isinstance(obj, cbor2.CBORTag) and obj.tag == wire.TAG_CWT:
-        obj = obj.value
-    if not isinstance(obj, cbor2.CBORTag) or obj.tag != wire.TAG_MAC0:
-        raise _Malformed("not a COSE_Mac0")
-    v = obj.value
-    if not isinstance(v, list) or len(v) != 4:
-        raise _Malformed("COSE_Mac0 is not an array of 4")
-    protected, unprotected, payload, tag = v
-    if not isinstance(protected, bytes) or not isinstance(payload, bytes) or not isinstance(tag, bytes):
-        raise _Malformed("bad COSE_Mac0 member types")
-    if not isinstance(unprotected, dict):
-        raise _Malformed("unprotected header is not a map")
-    prot = strict_loads(protected, 2) if protected else {}
-    if not isinstance(prot, dict):
-        raise _Malformed("protected header is not a map")
-    for hdr in (prot, unprotected):
-        # the board decodes header maps two levels deep: values are scalars
-        # (or empty containers), as for every header voltgate uses
-        if any(isinstance(x, cbor2.CBORTag) or (isinstance(x, (list, dict)) and x) for x in hdr.values()):
-            raise _Malformed("nested header value")
-    if wire.HDR_CRIT in prot or wire.HDR_CRIT in unprotected:
-        raise _Malformed("crit headers unsupported")
-    alg = None if wire.HDR_ALG in unprotected else prot.get(wire.HDR_ALG)
-    kid = unprotected.get(wire.HDR_KID, prot.get(wire.HDR_KID))
-    if kid is not None and not isinstance(kid, bytes):
-        raise _Malformed("kid is not a byte string")
-    return obj, alg, kid, payload, tag
-
-
-def _claims_ok(c) -> bool:
-    def uint(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-    def text(v):
-        return isinstance(v, str) and len(v) <= wire.MAX_TEXT_CLAIM
-
-    if not isinstance(c, dict) or not text(c.get(wire.CLAIM_AUD)):
+        obj = cbor2.loads(token)
+        if isinstance(obj, cbor2.CBORTag) and obj.tag == wire.TAG_CWT:
+            obj = obj.value
+        COSE.new().decode(obj, _cose_key(key, alg, kid))
+        return True
+    except Exception:  # python-cwt raises VerifyError, ValueError, DecodeError...
         return False
-    cti = c.get(wire.CLAIM_CTI)
-    if not isinstance(cti, bytes) or not 0 < len(cti) <= wire.MAX_CTI:
-        return False
-    if any(k in c and not text(c[k]) for k in (wire.CLAIM_ISS, wire.CLAIM_SUB)):
-        return False
-    if any(k in c and not uint(c[k]) for k in (wire.CLAIM_EXP, wire.CLAIM_NBF, wire.CLAIM_IAT, wire.CLAIM_EXI)):
-        return False
-    if wire.CLAIM_EXP not in c and wire.CLAIM_EXI not in c:
-        return False
-    act = c.get(wire.CLAIM_ACTION)
-    if not uint(act) or not 0 < act < len(wire.ACTION_NAMES):
-        return False
-    if c.get(wire.CLAIM_USES, wire.USES_SINGLE) not in (wire.USES_MANY, wire.USES_SINGLE):
-        return False
-    scope = c.get(wire.CLAIM_SCOPE)
-    if scope is not None and not (isinstance(scope, list) and 0 < len(scope) <= wire.MAX_SCOPE and all(uint(i) for i in scope)):
-        return False
-    limits = c.get(wire.CLAIM_LIMITS)
-    if limits is not None and not (isinstance(limits, dict) and all(uint(v) for v in limits.values())):
-        return False
-    return True
 
 
 def verify(token: bytes, ctx: CheckContext, action: int | None = None, index: int | None = None) -> Verdict:
-    """Check a permit as the board does, returning a Verdict with a reason code."""
-    if len(token) > wire.MAX_PERMIT:
-        return Verdict(wire.TOO_LARGE)
-    try:
-        mac0, alg, kid, payload, tag = _split(token)
-    except _Malformed:
-        return Verdict(wire.MALFORMED)
-    if not isinstance(alg, int) or isinstance(alg, bool) or alg not in TAG_LEN:
-        return Verdict(wire.BAD_ALG, kid=kid)
-    if kid is None:
-        return Verdict(wire.UNKNOWN_KEY, alg=alg)
-    if not ctx.has_key:
-        return Verdict(wire.NO_KEY, alg=alg, kid=kid)
-    key = ctx.keys.get(kid)
-    if key is None:
-        return Verdict(wire.UNKNOWN_KEY, alg=alg, kid=kid)
-    if len(tag) != TAG_LEN[alg]:
-        return Verdict(wire.BAD_MAC, alg=alg, kid=kid)
-    try:
-        COSE.new().decode(mac0, _cose_key(key, alg, kid))
-    except Exception:  # python-cwt raises VerifyError (and ValueError on odd headers)
-        return Verdict(wire.BAD_MAC, alg=alg, kid=kid)
+    """Check a permit exactly as a board does, then check its MAC again with
+    python-cwt (an independent COSE implementation); if the two disagree on
+    the MAC the verdict is bad_mac.
 
-    def v(reason, claims=None):
-        return Verdict(reason, claims, alg, kid)
-
+    The claim checks are the board's own code (protocol/permit.py, run here
+    on CPython), so host and board cannot give different verdicts for the
+    same token and context."""
+    reason, claims = _board.permit.verify(bytes(token), _Env(ctx), action, index)
     try:
-        c = strict_loads(payload, 3)
-    except _Malformed:
-        return v(wire.MALFORMED)
-    if not _claims_ok(c):
-        return v(wire.MALFORMED)
-    if c[wire.CLAIM_AUD] != ctx.device_id:
-        return v(wire.WRONG_AUDIENCE, c)
-    cti = c[wire.CLAIM_CTI]
-    exp, nbf, exi = c.get(wire.CLAIM_EXP), c.get(wire.CLAIM_NBF), c.get(wire.CLAIM_EXI)
-    if exp is not None or nbf is not None:
-        if ctx.now is None:
-            if exi is None:
-                return v(wire.TIME_UNTRUSTED, c)
-        else:
-            if nbf is not None and ctx.now + ctx.leeway < nbf:
-                return v(wire.NOT_YET_VALID, c)
-            if exp is not None and ctx.now - ctx.leeway >= exp:
-                return v(wire.EXPIRED, c)
-    if exi is not None:
-        elapsed = ctx.exi_elapsed.get(cti)
-        if elapsed is not None and elapsed >= exi:
-            return v(wire.EXPIRED, c)
-    if cti in ctx.revoked_ctis or c.get(wire.CLAIM_SUB) in ctx.revoked_users:
-        return v(wire.REVOKED, c)
-    if c.get(wire.CLAIM_USES, wire.USES_SINGLE) == wire.USES_SINGLE and cti in ctx.used_ctis:
-        return v(wire.REPLAYED, c)
-    if action is not None and c[wire.CLAIM_ACTION] != action:
-        return v(wire.WRONG_ACTION, c)
-    scope = c.get(wire.CLAIM_SCOPE)
-    if index is not None and scope is not None and index not in scope:
-        return v(wire.OUT_OF_SCOPE, c)
-    return v(wire.OK, c)
+        alg, kid, *_ = _board.permit.parse(bytes(token))
+    except _board.cbor.CBORError:
+        alg = kid = None
+    if reason not in _BEFORE_MAC and not (reason == wire.MALFORMED and alg is None):
+        key = ctx.keys.get(kid) if ctx.has_key else None
+        if key is not None and alg in ALG_NAMES and not _cwt_mac_ok(bytes(token), key, alg, kid):
+            return Verdict(wire.BAD_MAC, None, alg, kid)
+    return Verdict(reason, claims, alg, kid)
+
+
+def claims_of(token: bytes) -> dict:
+    """The claims of a permit, NOT verified: for display only."""
+    try:
+        _, _, _, payload, _ = _board.permit.parse(bytes(token))
+        claims = _board.cbor.loads(payload)
+    except _board.cbor.CBORError as e:
+        raise VoltgateError(f"not a permit: {e}", "expected a COSE_Mac0 (tag 17) CBOR token", EXIT_USAGE) from None
+    if not isinstance(claims, dict):
+        raise VoltgateError("not a permit: the payload is not a claims map", None, EXIT_USAGE)
+    return claims
 
 
 def describe(claims: dict) -> dict:

@@ -54,3 +54,35 @@ def load_protocol_module(name: str):
     sys.modules[qual] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+BOARD_MODULES = ("wire", "cbor", "hmac256", "permit", "command", "framing")
+
+
+def board_modules():
+    """The board's protocol modules, imported once for host use.
+
+    They import each other by their board names (`import wire`); they are
+    imported with protocol/ on sys.path for that moment only, then kept
+    under `voltgate._board.<name>`, so the host shares the board's code
+    without its module names leaking into sys.path or sys.modules."""
+    import types
+
+    cached = sys.modules.get("voltgate._board")
+    if cached is not None:
+        return cached
+    saved = {n: sys.modules.pop(n) for n in BOARD_MODULES if n in sys.modules}
+    sys.path.insert(0, str(protocol_dir()))
+    try:
+        mods = {n: importlib.import_module(n) for n in BOARD_MODULES}
+    finally:
+        sys.path.remove(str(protocol_dir()))
+        for n in BOARD_MODULES:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+    ns = types.ModuleType("voltgate._board")
+    for n, m in mods.items():
+        setattr(ns, n, m)
+        sys.modules[f"voltgate._board.{n}"] = m
+    sys.modules["voltgate._board"] = ns
+    return ns

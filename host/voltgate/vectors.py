@@ -116,7 +116,7 @@ def build() -> dict:
     add("ok_many_uses_again", _issue(4, single_use=False), "ok", "a many-use permit presented again", env=_env(used_ctis=[_cti(4)]))
     add(
         "ok_exi_untrusted_clock",
-        _issue(5, action="rent", not_before=None, expires=None, scope=None, max_wh=None, max_w=None, exi=HOUR),
+        _issue(5, action="rent", not_before=None, expires=NOW + 30 * 24 * HOUR, scope=None, max_wh=None, max_w=None, exi=HOUR),
         "ok",
         "exi permit, never used, board clock not trusted",
         env=_env(now=None),
@@ -125,13 +125,25 @@ def build() -> dict:
     )
     add(
         "ok_exi_in_time",
-        _issue(6, action="rent", not_before=None, expires=None, scope=None, exi=HOUR),
+        _issue(6, action="rent", not_before=None, expires=NOW + 30 * 24 * HOUR, scope=None, exi=HOUR),
         "ok",
         "exi permit first used 3599 s ago",
         env=_env(exi_elapsed={_cti(6): HOUR - 1}),
         action=wire.ACTION_RENT,
     )
     add("ok_leeway", _issue(7, expires=NOW - 10), "ok", "10 s past exp with a leeway of 30 s", env=_env(leeway=30))
+    add("ok_at_nbf", _issue(23, not_before=NOW), "ok", "now == nbf")
+    add("ok_nbf_within_leeway", _issue(24, not_before=NOW + 20), "ok", "nbf 20 s ahead, leeway 30 s", env=_env(leeway=30))
+    add("expired_at_leeway_edge", _issue(25, expires=NOW - 30), "expired", "now - leeway == exp", env=_env(leeway=30))
+    add("ok_exi_with_window_untrusted", _issue(26, exi=HOUR), "ok", "nbf, exp and exi; clock not trusted, floor inside the window", env=_env(now=None, floor=NOW - 60))
+    add(
+        "replayed_exi",
+        _issue(27, action="rent", not_before=None, expires=NOW + 30 * 24 * HOUR, scope=None, exi=HOUR),
+        "replayed",
+        "single-use exi permit presented again within its exi: its first use made it used",
+        env=_env(exi_elapsed={_cti(27): 60}, used_ctis=[_cti(27)]),
+        action=wire.ACTION_RENT,
+    )
     add("ok_any_action_any_index", _issue(8), "ok", "the caller asks for no particular action or index", action=None, index=None)
 
     # --- MAC failures
@@ -156,8 +168,17 @@ def build() -> dict:
     add("not_yet_valid", _issue(13, not_before=NOW + 1), "not_yet_valid", "nbf one second ahead")
     add("time_untrusted", good5, "time_untrusted", "time-bound permit, board clock not trusted", env=_env(now=None))
     add(
+        "expired_by_floor",
+        _issue(21, action="rent", not_before=None, expires=NOW - 10, scope=None, exi=HOUR),
+        "expired",
+        "clock not trusted, but its floor is past exp: an exi permit is over too",
+        env=_env(now=None, floor=NOW),
+        action=wire.ACTION_RENT,
+    )
+    add("untrusted_floor_before_exp", _issue(22, exi=HOUR), "ok", "clock not trusted, floor before exp, exi permit: ok", env=_env(now=None, floor=NOW - HOUR))
+    add(
         "exi_used_up",
-        _issue(14, action="rent", not_before=None, expires=None, scope=None, exi=HOUR),
+        _issue(14, action="rent", not_before=None, expires=NOW + 30 * 24 * HOUR, scope=None, exi=HOUR),
         "expired",
         "exi permit first used an hour ago",
         env=_env(exi_elapsed={_cti(14): HOUR}),
@@ -190,9 +211,13 @@ def build() -> dict:
     add(
         "alg_in_both_buckets",
         _raw(p, {wire.HDR_ALG: wire.ALG_HMAC256_64, wire.HDR_KID: kid1}, payload),
-        "bad_alg",
-        "alg in the unprotected header too (RFC 9052 forbids it)",
+        "malformed",
+        "alg in both header buckets (RFC 9052 section 3 forbids any label in both)",
     )
+    add("kid_in_both_buckets", _raw({wire.HDR_ALG: wire.ALG_HMAC256_256, wire.HDR_KID: b"\x02"}, u, payload), "malformed", "kid protected and unprotected, disagreeing")
+    add("alg_float", _raw(cbor2.dumps({wire.HDR_ALG: 5.0}), u, payload), "bad_alg", "alg 5.0 (a float, equal to 5 in Python)")
+    add("tag_in_unprotected", _raw(p, {wire.HDR_KID: kid1, 99: cbor2.CBORTag(2, b"\x01")}, payload), "malformed", "a bignum tag in the unprotected header (no key needed to add it)")
+    add("short_key_on_board", good5, "no_key", "the board's key is 16 bytes: no key", env=_env(keys={kid1.hex(): _key()[:16].hex()}))
     add("alg_hs384", _raw({wire.HDR_ALG: 6}, u, payload), "bad_alg", "alg 6 (HMAC 384) is not supported")
     add("alg_es256", _raw({wire.HDR_ALG: -7}, u, payload), "bad_alg", "alg -7 (ES256) is not a MAC")
     add("alg_text", _raw({wire.HDR_ALG: "HS256"}, u, payload), "bad_alg", "alg given as text")
@@ -208,8 +233,9 @@ def build() -> dict:
         cc = dict(c)
         del cc[drop]
         add(name, _raw(p, u, cbor2.dumps(cc)), "malformed", why)
-    cc = {k: v for k, v in c.items() if k not in (wire.CLAIM_EXP, wire.CLAIM_EXI)}
-    add("no_end", _raw(p, u, cbor2.dumps(cc)), "malformed", "neither exp nor exi")
+    cc = {k: v for k, v in c.items() if k != wire.CLAIM_EXP}
+    cc[wire.CLAIM_EXI] = HOUR
+    add("no_exp", _raw(p, u, cbor2.dumps(cc)), "malformed", "exi but no exp: every permit ends")
     for name, key_, val, why in (
         ("bad_action", wire.CLAIM_ACTION, 9, "action 9 is unknown"),
         ("exp_negative", wire.CLAIM_EXP, -1, "exp is negative"),
@@ -218,6 +244,9 @@ def build() -> dict:
         ("scope_not_list", wire.CLAIM_SCOPE, 1, "scope is an integer"),
         ("uses_two", wire.CLAIM_USES, 2, "uses must be 0 or 1"),
         ("sub_too_long", wire.CLAIM_SUB, "u" * 65, "user id of 65 characters"),
+        ("sub_too_many_bytes", wire.CLAIM_SUB, "\u00e9" * 33, "user id of 33 characters, 66 bytes"),
+        ("uses_true", wire.CLAIM_USES, True, "uses is a boolean"),
+        ("exp_bignum", wire.CLAIM_EXP, cbor2.CBORTag(2, b"\x6b\x49\xd2\x00"), "exp as a bignum tag"),
     ):
         cc = dict(c)
         cc[key_] = val
@@ -245,6 +274,7 @@ def context_from_json(env: dict) -> permits.CheckContext:
         keys={bytes.fromhex(k): bytes.fromhex(v) for k, v in env.get("keys", {}).items()},
         has_key=env.get("has_key", True),
         now=env.get("now"),
+        floor=env.get("floor"),
         leeway=env.get("leeway", 0),
         revoked_ctis={bytes.fromhex(c) for c in env.get("revoked_ctis", [])},
         revoked_users=set(env.get("revoked_users", [])),

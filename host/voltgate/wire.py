@@ -1,11 +1,12 @@
 """The wire constants of protocol/wire.py, for host code.
 
-Loaded from the very file the boards run, so the two cannot drift apart.
+The very module the boards run (voltgate.tree.board_modules), so the two
+cannot drift apart.
 """
 
 from . import tree
 
-_w = tree.load_protocol_module("wire")
+_w = tree.board_modules().wire
 
 globals().update({k: v for k, v in vars(_w).items() if k.isupper()})
 reason_name = _w.reason_name
