@@ -118,6 +118,7 @@ REVOKED = const(11)
 REPLAYED = const(12)
 WRONG_ACTION = const(13)
 OUT_OF_SCOPE = const(14)
+STORE_FULL = const(15)  # the board cannot remember one more permit or revocation
 
 REASON_NAMES = (
     "ok",
@@ -135,6 +136,7 @@ REASON_NAMES = (
     "replayed",
     "wrong_action",
     "out_of_scope",
+    "store_full",
 )
 
 

@@ -1,0 +1,165 @@
+# Trusted time (DESIGN.md, Trusted time; SPEC.md section 7).
+#
+# The board's time estimate never runs backwards and is a lower bound on the
+# real time: at boot it is the largest of the persisted last-known time, the
+# chip RTC (which survives a soft reset, not a power cut) and an external
+# battery-backed RTC; from then it advances with the monotonic tick counter,
+# and a verified permit's iat can move it forward. Only an authenticated time
+# sync (a signed command carrying the nonce this boot handed out, answered
+# within SYNC_WINDOW_S) may set it anywhere, below the floor included; the
+# sync, or a valid external RTC, makes the clock trusted. Until then now()
+# returns None and time-bound permits are refused with time_untrusted.
+#
+# iat bound: on a trusted clock an iat moves the time forward by at most
+# IAT_AHEAD_S (drift correction); an iat further ahead is ignored. On an
+# untrusted clock iat only raises the floor (it is server time, under the
+# device key); it cannot make the clock trusted, and the next sync replaces it.
+#
+# Persistence: time and run-time seconds go to the store every PERSIST_S
+# (and at boot, at a sync, and when an exi permit starts counting), 144 NVS
+# writes a day in steady state: about 9 KB/day of NVS entries, so a
+# 24 KB wear-levelled NVS partition erases each page every ~2.7 days and
+# 100,000 erase cycles last centuries. After a power cut the floor is at most
+# PERSIST_S behind the last time the board knew.
+import os
+import struct
+
+import command
+import wire
+from hmac256 import equal
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+PERSIST_S = const(600)
+IAT_AHEAD_S = const(300)
+SYNC_WINDOW_S = const(60)
+NONCE_LEN = const(8)
+_KEY = "clock"  # store blob: <QI last-known Unix time, run-time seconds
+
+
+class Clock:
+    def __init__(self, hw, log=None):
+        self._hw = hw
+        self._log = log
+        raw = hw.store.get(_KEY)
+        floor, run = struct.unpack("<QI", raw) if raw and len(raw) == 12 else (0, 0)
+        self.trusted = False
+        t = floor
+        rtc = hw.rtc.now()
+        if rtc is not None and rtc > t:
+            t = rtc
+        if hw.ext_rtc is not None:
+            ext = hw.ext_rtc.now()
+            # a battery-backed chip that kept time is trusted, unless it is
+            # behind what the board already knew (then it lost time)
+            if ext is not None and ext >= t:
+                t = ext
+                self.trusted = True
+        self._t0 = t  # Unix time at tick _k0
+        # run time since the last persist is lost with the power: assume a
+        # whole interval ran, so exi permits can only run out early, never
+        # late (cycling the power must not stretch them)
+        self._run0 = run + PERSIST_S  # run-time seconds at tick _k0
+        self._k0 = hw.ticks_ms()
+        self._nonce = None
+        self._nonce_at = 0
+        self.persist()  # so that the next boot adds to this one's bump
+    # -- reading
+
+    def _elapsed(self):
+        return self._hw.ticks_diff(self._hw.ticks_ms(), self._k0) // 1000
+
+    def now(self):
+        """Trusted Unix time, or None while the clock is not trusted."""
+        return self._t0 + self._elapsed() if self.trusted else None
+
+    def floor(self):
+        """The time estimate: a lower bound on the real time, never decreasing
+        (except by a sync). Log timestamps use it."""
+        return self._t0 + self._elapsed()
+
+    def run_s(self):
+        """Seconds this board has run, across reboots, never under the truth:
+        each boot adds PERSIST_S for the unrecorded tail before it (exi
+        permits count this)."""
+        return self._run0 + self._elapsed()
+
+    # -- moving
+
+    def _rebase(self, t):
+        e = self._elapsed()
+        self._run0 += e
+        self._k0 = self._hw.ticks_ms()
+        self._t0 = t
+
+    def tick(self):
+        """Call every second or so: keeps tick differences short (ticks wrap
+        on the board) and persists the time every PERSIST_S."""
+        t = self.floor()
+        self._rebase(t)
+        if t - self._saved >= PERSIST_S:
+            self.persist()
+
+    def persist(self):
+        t = self.floor()
+        self._hw.store.set(_KEY, struct.pack("<QI", t, self.run_s()))
+        self._hw.store.commit()
+        self._saved = t
+
+    def saw_iat(self, iat):
+        """A verified permit's issue time (see the iat bound above)."""
+        t = self.floor()
+        if iat is None or iat <= t:
+            return False
+        if self.trusted and iat > t + IAT_AHEAD_S:
+            self._event("iat_ahead", t, iat)
+            return False
+        self._rebase(iat)
+        return True
+
+    # -- authenticated sync
+
+    def begin_sync(self):
+        """A fresh nonce for the server to answer; valid for SYNC_WINDOW_S,
+        for one sync, and only in this boot (it is never persisted)."""
+        self._nonce = os.urandom(NONCE_LEN)
+        self._nonce_at = self.run_s()
+        return self._nonce
+
+    def sync(self, token, keys):
+        """Apply a signed time sync; returns a wire reason code."""
+        reason, env = command.verify(token, keys)
+        if reason != wire.OK:
+            self._event("sync_" + wire.reason_name(reason), self.floor(), None)
+            return reason
+        t = env.get(wire.ENV_BODY)
+        nonce = env.get(wire.ENV_NONCE)
+        if env[wire.ENV_TYPE] != wire.MSG_TIME_SYNC or not isinstance(t, int) or t < 0 or not isinstance(nonce, bytes):
+            reason = wire.MALFORMED
+        elif self._nonce is None or not equal(nonce, self._nonce):
+            reason = wire.REPLAYED  # not the answer to the nonce outstanding now
+        elif self.run_s() - self._nonce_at > SYNC_WINDOW_S:
+            reason = wire.EXPIRED
+        if reason != wire.OK:
+            self._event("sync_" + wire.reason_name(reason), self.floor(), t)
+            return reason
+        self._nonce = None
+        old = self.floor()
+        self._rebase(t)
+        self.trusted = True
+        self._hw.rtc.set(t)
+        if self._hw.ext_rtc is not None:
+            self._hw.ext_rtc.set(t)
+        self.persist()
+        self._event("sync", old, t)
+        return wire.OK
+
+    def _event(self, what, old, new):
+        if self._log is not None:
+            self._log.append(wire.LOG_CLOCK, [what, old, new], self.floor())
