@@ -61,3 +61,10 @@ def test_worker_survives_a_flood_of_stderr(mp_worker):
 
 def test_text_beyond_the_bmp_round_trips(interp):
     assert interp.call("harness_checks", "echo", "U+1F600 😀 and é") == "U+1F600 😀 and é"
+
+
+def test_console_output_during_a_call_is_kept_apart(_mp_workers, mp_worker):
+    assert mp_worker.call("harness_checks", "chatty", 500) == 500
+    worker = _mp_workers["harness_checks"]
+    assert worker.console[0] == "console line 0" and len(worker.console) == 500
+    assert mp_worker.call("harness_checks", "echo", [1]) == [1]

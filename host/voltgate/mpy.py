@@ -155,9 +155,24 @@ class Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
-            encoding="utf-8",
-            bufsize=1,
+            bufsize=0,
         )
+        self._buf = b""  # raw stdout not yet split into lines
+
+    def _readline(self) -> str | None:
+        """The next stdout line, or None at EOF or after the timeout. Reads
+        the raw pipe: select() cannot see lines a buffered reader holds."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([fd], [], [], self.timeout)
+            if not ready:
+                return None
+            data = os.read(fd, 65536)
+            if not data:
+                return None
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode("utf-8", "replace")
 
     def _stderr_text(self) -> str:
         self._stderr.seek(0)
@@ -172,21 +187,26 @@ class Worker:
             raise MicroPythonError("MicroPython worker is not running", self._stderr_text())
         # raw UTF-8, not \u escapes: MicroPython's json turns an escaped
         # surrogate pair into two lone surrogates
-        self.proc.stdin.write(json.dumps({"f": fn, "a": list(args)}, ensure_ascii=False) + "\n")
+        self.proc.stdin.write((json.dumps({"f": fn, "a": list(args)}, ensure_ascii=False) + "\n").encode())
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
+        self.console = []  # the firmware's own output during this call
+        while True:
+            line = self._readline()
+            if line is None or line.startswith(RECORD):
+                break
+            self.console.append(line)
+        if line is None:
+            ready = self.proc.poll() is None
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
-            output = self._stderr_text()
+            output = "\n".join(self.console) + "\n" + self._stderr_text()
             self.close()
             raise MicroPythonError(
                 f"MicroPython worker gave no answer to {fn}() within {self.timeout} s" if not ready else f"MicroPython worker died in {fn}()",
                 output,
             )
-        rep = json.loads(line)
+        rep = json.loads(line[1:])
         if "x" in rep:
             err = MicroPythonError(f"{rep['x']} in MicroPython {self.module}.{fn}(): {rep['m']}", rep["tb"])
             err.exc_type = rep["x"]

@@ -20,3 +20,10 @@ def noisy(n):
     for _ in range(n // 100):
         sys.stderr.write(line)
     return n
+
+
+def chatty(n):
+    """print() n lines, as firmware writing to its console does."""
+    for i in range(n):
+        print("console line", i)
+    return n

@@ -1,7 +1,9 @@
 # Runs on MicroPython: a request/response loop for the host (voltgate.mpy.Worker).
 # argv[1] names the module whose functions may be called. Each request is one
-# JSON line {"f": name, "a": [args]}; each reply one JSON line, either
-# {"r": result} or {"x": exception type, "m": message, "tb": traceback}.
+# JSON line {"f": name, "a": [args]}; each reply one line: the ASCII record
+# separator, then JSON, either {"r": result} or {"x": exception type,
+# "m": message, "tb": traceback}. Other lines are the firmware's console
+# output (print, tracebacks), which the host keeps but does not parse.
 import io
 import json
 import sys
@@ -10,6 +12,7 @@ target = __import__(sys.argv[1])
 
 
 def reply(obj):
+    sys.stdout.write("\x1e")
     sys.stdout.write(json.dumps(obj))
     sys.stdout.write("\n")
 
