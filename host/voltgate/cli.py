@@ -7,11 +7,12 @@ with no traceback; exit codes are listed in EPILOG.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, VoltgateError
+from .errors import EXIT_ENVIRONMENT, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, VoltgateError
 
 EPILOG = """\
 exit codes:
@@ -23,6 +24,8 @@ exit codes:
 examples:
   voltgate build --out build/firmware     compile the board image tree (.mpy)
   voltgate demo                           issue permits, verify them on MicroPython
+  voltgate boards validate                check every board file in boards/
+  voltgate boards list --json             the board files, for scripts
 """
 
 
@@ -44,6 +47,60 @@ def cmd_demo(args) -> int:
     from . import demo
 
     return demo.run(firmware=Path(args.firmware) if args.firmware else None, out=Path(args.out))
+
+
+def _board_files(args) -> list:
+    from . import boards
+
+    files = [Path(f) for f in args.files] or boards.default_files()
+    if not files:
+        raise VoltgateError("no board files in boards/", "set VOLTGATE_TREE to the repository root", EXIT_ENVIRONMENT)
+    return files
+
+
+def cmd_boards_validate(args) -> int:
+    from . import boards
+
+    reports = [boards.validate(f) for f in _board_files(args)]
+    if args.json:
+        print(json.dumps({"valid": all(r.ok for r in reports), "files": [r.as_dict() for r in reports]}, indent=2))
+    else:
+        for r in reports:
+            print(f"{r.file}: {_verdict(len(r.errors), len(r.warnings))}")
+            for m in r.errors:
+                print(f"  error: {m}")
+            for m in r.warnings:
+                print(f"  warning: {m}")
+    bad = sum(not r.ok for r in reports)
+    if bad:
+        raise VoltgateError(f"{bad} of {_count(len(reports), 'board file')} {'has' if bad == 1 else 'have'} errors", exit_code=EXIT_USAGE)
+    return EXIT_OK
+
+
+def cmd_boards_list(args) -> int:
+    from . import boards
+
+    rows = [boards.summary(boards.validate(f)) for f in _board_files(args)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    table = [("NAME", "KIND", "CHIP", "HAL", "SIZE", "CHECK")]
+    for r in rows:
+        size = _count(r["slots"], "slot") if r["slots"] is not None else _count(r["outlets"], "outlet") if r["outlets"] is not None else "-"
+        name = r["name"] or f"({r['file']})"
+        table.append((name, r["kind"] or "-", r["chip"] or "-", r["hal"] or "-", size, _verdict(r["errors"], r["warnings"])))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return EXIT_OK
+
+
+def _count(n, word) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _verdict(errors, warnings) -> str:
+    return ", ".join(_count(n, w) for n, w in ((errors, "error"), (warnings, "warning")) if n) or "valid"
 
 
 def cmd_version(args) -> int:
@@ -85,9 +142,50 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-run", help="folder for the demo's keystore and records (default: %(default)s)")
     p.set_defaults(fn=cmd_demo)
 
+    p = sub.add_parser(
+        "boards",
+        help="validate and list the board files (boards/*.json)",
+        description="Board files describe a board design: chip, pins per function, slots or outlets, sensors "
+        "and their calibration, RTC, link (format: boards/README.md).",
+        epilog="examples:\n  voltgate boards validate\n  voltgate boards list --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(fn=lambda args, p=p: _usage(p))
+    bsub = p.add_subparsers(dest="boards_command", metavar="SUBCOMMAND")
+    b = bsub.add_parser(
+        "validate",
+        help="check board files against format 1 and the ESP32 pin rules",
+        description="Check board files: unknown or missing keys, slot/outlet counts, duplicate GPIOs, flash pins "
+        "(6-11), outputs on input-only pins (34-39), ADC1 pins, bus/expander references, I2C addresses. Strapping "
+        "pins (0, 2, 5, 12, 15) are warnings. Every message names the file and the key. Exits 0 when every file is "
+        "valid (warnings are printed), 2 when any file has errors.",
+        epilog="examples:\n  voltgate boards validate                     every file in boards/\n"
+        "  voltgate boards validate my-board.json\n  voltgate boards validate --json | jq .valid",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("files", nargs="*", metavar="FILE", help="board files (default: every boards/*.json)")
+    b.add_argument("--json", action="store_true", help="print {valid, files: [{file, valid, errors, warnings}]} as JSON")
+    b.set_defaults(fn=cmd_boards_validate, command="boards validate")
+    b = bsub.add_parser(
+        "list",
+        help="name, kind, chip, hal and slot/outlet count of each board file",
+        description="List board files with their name, kind, chip, hardware layer, slot or outlet count and "
+        "whether they validate.",
+        epilog="examples:\n  voltgate boards list\n  voltgate boards list --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("files", nargs="*", metavar="FILE", help="board files (default: every boards/*.json)")
+    b.add_argument("--json", action="store_true", help="print a list of {file, name, kind, chip, hal, slots, outlets, errors, warnings}")
+    b.set_defaults(fn=cmd_boards_list, command="boards list")
+
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
     return ap
+
+
+def _usage(p) -> int:
+    p.print_help(sys.stderr)
+    return EXIT_USAGE
 
 
 def main(argv=None) -> int:
