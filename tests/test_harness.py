@@ -68,3 +68,14 @@ def test_console_output_during_a_call_is_kept_apart(_mp_workers, mp_worker):
     worker = _mp_workers["harness_checks"]
     assert worker.console[0] == "console line 0" and len(worker.console) == 500
     assert mp_worker.call("harness_checks", "echo", [1]) == [1]
+
+
+def test_a_reply_too_big_for_the_heap_comes_back_as_a_readable_error():
+    from conftest import MP_TESTS
+    from voltgate import mpy
+
+    with mpy.Worker("harness_checks", path=mpy.source_path(MP_TESTS), heapsize=64 * 1024) as w:
+        with pytest.raises(MicroPythonError) as info:
+            w.call("huge", 2000)
+        assert info.value.exc_type == "MemoryError"
+        assert w.call("echo", 5) == 5  # and the worker still answers

@@ -387,6 +387,15 @@ class Hardware:
     def ticks_diff(self, a, b):
         return a - b  # the simulated counter does not wrap
 
+    async def sleep_ms(self, ms):
+        # simulated time: wait (yielding to the other tasks) until whoever
+        # drives the world has advanced it by ms; see drive()
+        import asyncio
+
+        end = self.world.ms + ms
+        while self.world.ms < end:
+            await asyncio.sleep_ms(0)
+
     def reset(self):
         self.safe()
         raise SystemExit("sim reset")
@@ -427,6 +436,17 @@ def _slot_hw(s):
     h.temperature = _Analog(s, "temperature", lambda: int(s.battery.temp_dc) if s.battery else s._p["ambient_dc"])
     h.identity = _Ident(s)
     return h
+
+
+async def drive(world, ms, step_ms=10):
+    """Advance the world by ms in steps, letting the tasks run between them:
+    the simulated counterpart of time passing for asyncio tasks."""
+    import asyncio
+
+    end = world.ms + ms
+    while world.ms < end:
+        world.advance(min(step_ms, end - world.ms), step_ms)
+        await asyncio.sleep_ms(0)
 
 
 def make(board, root, world=None):

@@ -27,3 +27,8 @@ def chatty(n):
     for i in range(n):
         print("console line", i)
     return n
+
+
+def huge(n):
+    """A result too big to serialise in a small heap."""
+    return ["x" * 100] * n

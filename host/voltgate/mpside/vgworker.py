@@ -12,8 +12,9 @@ target = __import__(sys.argv[1])
 
 
 def reply(obj):
+    text = json.dumps(obj)  # before writing anything: it may raise MemoryError
     sys.stdout.write("\x1e")
-    sys.stdout.write(json.dumps(obj))
+    sys.stdout.write(text)
     sys.stdout.write("\n")
 
 

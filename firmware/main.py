@@ -1,0 +1,139 @@
+# Boot and the main loop: one asyncio loop, a task per subsystem, and a
+# watchdog fed only while every task keeps checking in. Any exception that
+# reaches the top turns every output off, is written to the flash log and
+# the console, and resets the board. On a board this file runs at power-up;
+# tests call main.run() with simulated hardware.
+import asyncio
+import sys
+
+import wire
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+WDT_FEED_MS = const(1000)
+CLOCK_TICK_MS = const(1000)
+PRUNE_EVERY = const(3600)  # clock ticks between permit store prunes
+
+
+class Supervisor:
+    """Feeds the hardware watchdog only while every registered task has
+    checked in within its own limit: a task that hangs or dies stops the
+    feeding, and the watchdog resets the board."""
+
+    def __init__(self, hw):
+        self._hw = hw
+        self._last = {}
+        self._limit = {}
+
+    def register(self, name, limit_ms):
+        self._limit[name] = limit_ms
+        self._last[name] = self._hw.ticks_ms()
+
+    def beat(self, name):
+        self._last[name] = self._hw.ticks_ms()
+
+    def alive(self):
+        now = self._hw.ticks_ms()
+        for name in self._limit:
+            if self._hw.ticks_diff(now, self._last[name]) > self._limit[name]:
+                return False
+        return True
+
+    async def run(self):
+        while True:
+            if self.alive():
+                self._hw.wdt.feed()
+            await self._hw.sleep_ms(WDT_FEED_MS)
+
+
+async def clock_task(p, sup):
+    n = 0
+    while True:
+        p.clock.tick()
+        n += 1
+        if n % PRUNE_EVERY == 0:
+            p.permits.prune()
+        sup.beat("clock")
+        await p.hw.sleep_ms(CLOCK_TICK_MS)
+
+
+def fatal(hw, p, exc):
+    """The last handler: safe outputs, the error in the log, then reset."""
+    try:
+        if hw is not None:
+            hw.safe()
+    finally:
+        sys.print_exception(exc)
+        if p is not None:
+            try:
+                p.log.append(wire.LOG_ERROR, [type(exc).__name__, str(exc)[:80]], p.clock.floor())
+            except Exception as e2:  # the log itself may be what failed
+                sys.print_exception(e2)
+        if hw is not None:
+            hw.reset()
+
+
+async def _main(p, apps, sup):
+    loop = asyncio.get_event_loop()
+
+    def on_error(loop, context):
+        fatal(p.hw, p, context["exception"])
+
+    loop.set_exception_handler(on_error)
+    p.hw.wdt.start(p.board.get("watchdog_ms", 8000))
+    sup.register("clock", 3 * CLOCK_TICK_MS)
+    tasks = [asyncio.create_task(sup.run()), asyncio.create_task(clock_task(p, sup))]
+    for app in apps:
+        tasks.append(asyncio.create_task(app.run(sup)))
+    await asyncio.gather(*tasks)
+
+
+def run(hw, board, apps=(), extra=None):
+    """Boot the platform on hw and run forever (or until extra, a coroutine
+    the tests pass to drive simulated time, returns)."""
+    from system import System
+
+    p = None
+    try:
+        p = System(hw, board)
+        sup = Supervisor(hw)
+        built = [make(p) for make in apps]
+        if extra is None:
+            asyncio.run(_main(p, built, sup))
+        else:
+            asyncio.run(_until(p, built, sup, extra))
+    except Exception as e:
+        fatal(hw, p, e)
+    return p
+
+
+async def _until(p, apps, sup, extra):
+    main_task = asyncio.create_task(_main(p, apps, sup))
+    await extra(p, sup)
+    main_task.cancel()
+
+
+def main():
+    import json
+
+    with open("/board.json") as f:
+        board = json.load(f)
+    if board.get("hal") == "sim":
+        from hal import sim
+
+        hw = sim.make(board, "/")
+    else:
+        from hal import esp32
+
+        hw = esp32.make(board)
+    run(hw, board)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+# The services every board needs (the system), built once at boot in this order: outputs
+# safe, boot epoch, flash log, identity, clock, permit checker. Station and
+# outlet applications are built on top of it (main.py).
+import wire
+from clock import Clock
+from identity import Identity
+from log import Log
+from permits import Permits
+
+VERSION = "0.1.0"
+
+
+class System:
+    def __init__(self, hw, board):
+        hw.safe()  # relays, locks and chargers off before anything else
+        self.hw = hw
+        self.board = board
+        st = hw.store
+        # the boot epoch: differs at every boot, so (device, epoch, seq) stays
+        # unique for the server even if the flash and its seq counter are wiped
+        self.epoch = (st.get_int("boot", 0) + 1) & 0x7FFFFFFF
+        st.set_int("boot", self.epoch)
+        st.commit()
+        self.log = Log(hw.root, self.epoch)
+        self.ident = Identity(st)
+        self.clock = Clock(hw, self.log)
+        self.permits = Permits(self.ident, self.clock, self.log, hw.root)
+        self.problems = self.ident.problems
+        self.log.append(wire.LOG_BOOT, [self.epoch, VERSION, board.get("name"), self.problems], self.clock.floor())
+        for p in self.problems:
+            print("voltgate:", p)
