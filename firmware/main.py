@@ -86,7 +86,7 @@ async def _main(p, apps, sup):
         fatal(p.hw, p, context["exception"])
 
     loop.set_exception_handler(on_error)
-    p.hw.wdt.start(p.board.get("watchdog_ms", 8000))
+    p.hw.wdt.start(p.config["watchdog_ms"])
     sup.register("clock", 3 * CLOCK_TICK_MS)
     tasks = [asyncio.create_task(sup.run()), asyncio.create_task(clock_task(p, sup))]
     for app in apps:
@@ -119,19 +119,32 @@ async def _until(p, apps, sup, extra):
     main_task.cancel()
 
 
-def main():
+def boot_hw(path="/board.json", root="/", hal=None):
+    """The hardware and the few board settings that outlive the boot; the
+    parsed board file itself is dropped (tens of KB on a big station) before
+    the platform's modules are imported. hal overrides the file's choice
+    (the benchmarks run an ESP32 board's layout on the simulator)."""
+    import gc
     import json
 
-    with open("/board.json") as f:
+    with open(path) as f:
         board = json.load(f)
-    if board.get("hal") == "sim":
+    if (hal or board.get("hal")) == "sim":
         from hal import sim
 
-        hw = sim.make(board, "/")
+        hw = sim.make(board, root)
     else:
         from hal import esp32
 
         hw = esp32.make(board)
+    keep = {"kind": board["kind"], "name": board.get("name"), "watchdog_ms": board.get("watchdog_ms", 8000), "limits": board.get("limits", {})}
+    del board
+    gc.collect()
+    return hw, keep
+
+
+def main():
+    hw, board = boot_hw()
     run(hw, board)
 
 

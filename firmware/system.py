@@ -14,7 +14,9 @@ class System:
     def __init__(self, hw, board):
         hw.safe()  # relays, locks and chargers off before anything else
         self.hw = hw
-        self.board = board
+        # keep only what runs on: the parsed board file of an 8-slot station
+        # holds ~28 KB of heap, which the caller frees once hw is built
+        self.config = {"name": board.get("name"), "watchdog_ms": board.get("watchdog_ms", 8000), "limits": board.get("limits", {})}
         st = hw.store
         # the boot epoch: differs at every boot, so (device, epoch, seq) stays
         # unique for the server even if the flash and its seq counter are wiped
@@ -26,6 +28,6 @@ class System:
         self.clock = Clock(hw, self.log)
         self.permits = Permits(self.ident, self.clock, self.log, hw.root)
         self.problems = self.ident.problems
-        self.log.append(wire.LOG_BOOT, [self.epoch, VERSION, board.get("name"), self.problems], self.clock.floor())
+        self.log.append(wire.LOG_BOOT, [self.epoch, VERSION, self.config["name"], self.problems], self.clock.floor())
         for p in self.problems:
             print("voltgate:", p)
