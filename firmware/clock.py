@@ -1,19 +1,23 @@
 # Trusted time (DESIGN.md, Trusted time; SPEC.md section 7).
 #
-# The board's time estimate never runs backwards and is a lower bound on the
-# real time: at boot it is the largest of the persisted last-known time, the
-# chip RTC (which survives a soft reset, not a power cut) and an external
-# battery-backed RTC; from then it advances with the monotonic tick counter,
-# and a verified permit's iat can move it forward. Only an authenticated time
-# sync (a signed command carrying the nonce this boot handed out, answered
-# within SYNC_WINDOW_S) may set it anywhere, below the floor included; the
-# sync, or a valid external RTC, makes the clock trusted. Until then now()
-# returns None and time-bound permits are refused with time_untrusted.
+# Three lower bounds on the real time, none of which runs backwards except
+# through an authenticated sync: confirmed() (the persisted time, the chip
+# RTC, a battery-backed RTC, then the tick counter), floor() (confirmed,
+# raised by the iat of permits seen while untrusted; what checks and log
+# timestamps use) and durable() (the last persisted time, which a reboot
+# restores at least; what the permit stores forget by). Only an
+# authenticated time sync (a signed command carrying the nonce this boot
+# handed out, answered within SYNC_WINDOW_S, under the current key) may set
+# the time anywhere, back included; the sync, or a valid external RTC, makes
+# the clock trusted. Until then now() returns None and time-bound permits
+# are refused with time_untrusted.
 #
 # iat bound: on a trusted clock an iat moves the time forward by at most
 # IAT_AHEAD_S (drift correction); an iat further ahead is ignored. On an
-# untrusted clock iat only raises the floor (it is server time, under the
-# device key); it cannot make the clock trusted, and the next sync replaces it.
+# untrusted clock iat raises only floor(), the bound permit checks use to
+# refuse expired permits: it is kept in RAM, never persisted, never used to
+# forget anything (pruning uses durable()), it cannot make the clock
+# trusted, and the next sync or reboot drops it.
 #
 # Persistence: time and run-time seconds go to the store every PERSIST_S
 # (and at boot, at a sync, and when an exi permit starts counting), 144 NVS
@@ -61,15 +65,17 @@ class Clock:
             if ext is not None and ext >= t:
                 t = ext
                 self.trusted = True
-        self._t0 = t  # Unix time at tick _k0
+        self._t0 = t  # confirmed Unix time at tick _k0
         # run time since the last persist is lost with the power: assume a
         # whole interval ran, so exi permits can only run out early, never
         # late (cycling the power must not stretch them)
         self._run0 = run + PERSIST_S  # run-time seconds at tick _k0
         self._k0 = hw.ticks_ms()
+        self._iat = 0  # iat seen on an untrusted clock: RAM only (see floor())
         self._nonce = None
         self._nonce_at = 0
         self.persist()  # so that the next boot adds to this one's bump
+
     # -- reading
 
     def _elapsed(self):
@@ -79,10 +85,22 @@ class Clock:
         """Trusted Unix time, or None while the clock is not trusted."""
         return self._t0 + self._elapsed() if self.trusted else None
 
-    def floor(self):
-        """The time estimate: a lower bound on the real time, never decreasing
-        (except by a sync). Log timestamps use it."""
+    def confirmed(self):
+        """A lower bound on the real time from the board's own sources (the
+        persisted time, RTCs, ticks) and syncs; never decreases except by a sync."""
         return self._t0 + self._elapsed()
+
+    def floor(self):
+        """What permit checks and log timestamps use: confirmed(), raised by
+        the iat of permits seen while untrusted (server time, under the key)."""
+        t = self._t0 + self._elapsed()
+        return t if t >= self._iat else self._iat
+
+    def durable(self):
+        """The time a reboot restores at least: the last persisted one. What
+        is forgotten (pruned) must be forgotten against this, or a power cut
+        would bring back permits the stores no longer remember."""
+        return self._saved
 
     def run_s(self):
         """Seconds this board has run, across reboots, never under the truth:
@@ -92,35 +110,58 @@ class Clock:
 
     # -- moving
 
-    def _rebase(self, t):
+    def _advance(self):
+        # fold whole elapsed seconds into the base, keeping the remainder in
+        # _k0 (so ticking at any rate neither loses nor invents time)
         e = self._elapsed()
-        self._run0 += e
-        self._k0 = self._hw.ticks_ms()
+        if e:
+            self._t0 += e
+            self._run0 += e
+            self._k0 = self._hw.ticks_add(self._k0, e * 1000)
+
+    def _set(self, t):
+        self._advance()
         self._t0 = t
 
+    def restore(self, t, run):
+        """Another durable record of time and run time (the permit store):
+        the clock takes whichever is later, so losing its own store entry
+        does not send it back to 1970."""
+        self._advance()
+        if t > self._t0:
+            self._t0 = t
+        if run > self._run0:
+            self._run0 = run
+
     def tick(self):
-        """Call every second or so: keeps tick differences short (ticks wrap
-        on the board) and persists the time every PERSIST_S."""
-        t = self.floor()
-        self._rebase(t)
-        if t - self._saved >= PERSIST_S:
+        """Call about once a second (any rate works): keeps tick differences
+        short (ticks wrap on the board) and persists every PERSIST_S."""
+        self._advance()
+        if self._t0 - self._saved >= PERSIST_S:
             self.persist()
 
     def persist(self):
-        t = self.floor()
-        self._hw.store.set(_KEY, struct.pack("<QI", t, self.run_s()))
+        self._advance()
+        t = self._t0
+        self._hw.store.set(_KEY, struct.pack("<QI", t, self._run0))
         self._hw.store.commit()
         self._saved = t
 
     def saw_iat(self, iat):
         """A verified permit's issue time (see the iat bound above)."""
-        t = self.floor()
-        if iat is None or iat <= t:
+        if iat is None:
             return False
-        if self.trusted and iat > t + IAT_AHEAD_S:
+        if not self.trusted:
+            if iat > self._iat:
+                self._iat = iat  # raises floor(), not confirmed() nor durable()
+            return False
+        t = self.confirmed()
+        if iat <= t:
+            return False
+        if iat > t + IAT_AHEAD_S:
             self._event("iat_ahead", t, iat)
             return False
-        self._rebase(iat)
+        self._set(iat)
         return True
 
     # -- authenticated sync
@@ -151,7 +192,8 @@ class Clock:
             return reason
         self._nonce = None
         old = self.floor()
-        self._rebase(t)
+        self._set(t)
+        self._iat = 0
         self.trusted = True
         self._hw.rtc.set(t)
         if self._hw.ext_rtc is not None:

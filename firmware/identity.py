@@ -72,6 +72,11 @@ class Identity:
     def has_key(self):
         return bool(self._keys)
 
+    def current(self):
+        """Keys for commands (time sync and the rest): the current key only,
+        never the previous one of a rotation."""
+        return _Current(self)
+
     def key(self, kid, now=None):
         """The key for a kid, or None; raises NoKey when the board has none.
         The previous key (rotation) answers only until its overlap ends,
@@ -81,3 +86,16 @@ class Identity:
         if self._old_until is not None and kid == self._old_kid and (now is None or now >= self._old_until):
             return None
         return self._keys.get(kid)
+
+
+class _Current:
+    def __init__(self, ident):
+        self._i = ident
+
+    def key(self, kid):
+        i = self._i
+        if not i._keys:
+            raise NoKey()
+        if i._old_until is not None and kid == i._old_kid:
+            return None
+        return i._keys.get(kid)

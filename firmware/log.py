@@ -43,9 +43,9 @@ no billing record while an event is. Records keep their seqs; readers skip
 the gaps. The open segment is sealed and thinned like the others when it
 holds the only records of the class being dropped.
 
-The epoch is the caller's: a u32 that differs at every boot (a boot counter
-kept in hw.store), so the server's key (device, epoch, seq) stays unique
-even if the flash, and with it the seq counter, is wiped.
+The epoch is the caller's: a u32 that differs at every boot (system.py: 31
+random bits, never the last boot's), so the server's key (device, epoch,
+seq) stays unique even if the flash, and with it the seq counter, is wiped.
 
 RAM: one segment-sized read buffer, a 15-byte record head and a 6-item list
 per segment. Between segment rolls append() allocates nothing on the unix

@@ -1,7 +1,8 @@
 # Boot and the main loop: one asyncio loop, a task per subsystem, and a
-# watchdog fed only while every task keeps checking in. Any exception that
-# reaches the top turns every output off, is written to the flash log and
-# the console, and resets the board. On a board this file runs at power-up;
+# watchdog (started before the boot) fed only while every task keeps
+# checking in. Any exception that reaches the top turns every output off, is
+# written to the flash log and the console, and resets the board; Ctrl-C
+# turns the outputs off and leaves the REPL to the technician. On a board this file runs at power-up;
 # tests call main.run() with simulated hardware.
 import asyncio
 import sys
@@ -19,6 +20,7 @@ except ImportError:  # CPython
 WDT_FEED_MS = const(1000)
 CLOCK_TICK_MS = const(1000)
 PRUNE_EVERY = const(3600)  # clock ticks between permit store prunes
+APP_WATCH_MS = const(5000)  # an app that sets no watch_ms must check in this often
 
 
 class Supervisor:
@@ -86,8 +88,13 @@ async def _main(p, apps, sup):
         fatal(p.hw, p, context["exception"])
 
     loop.set_exception_handler(on_error)
-    p.hw.wdt.start(p.config["watchdog_ms"])
+    # every task is watched from before it first runs: one that hangs before
+    # it ever checks in must stop the feeding too
     sup.register("clock", 3 * CLOCK_TICK_MS)
+    for app in apps:
+        # an app has .name, checks in with sup.beat(app.name), and may set
+        # .watch_ms (how long it may go without checking in)
+        sup.register(app.name, getattr(app, "watch_ms", APP_WATCH_MS))
     tasks = [asyncio.create_task(sup.run()), asyncio.create_task(clock_task(p, sup))]
     for app in apps:
         tasks.append(asyncio.create_task(app.run(sup)))
@@ -101,6 +108,8 @@ def run(hw, board, apps=(), extra=None):
 
     p = None
     try:
+        # the watchdog runs from before the boot: a boot that hangs resets
+        hw.wdt.start(board.get("watchdog_ms", 8000))
         p = System(hw, board)
         sup = Supervisor(hw)
         built = [make(p) for make in apps]
@@ -108,6 +117,9 @@ def run(hw, board, apps=(), extra=None):
             asyncio.run(_main(p, built, sup))
         else:
             asyncio.run(_until(p, built, sup, extra))
+    except KeyboardInterrupt:
+        hw.safe()  # Ctrl-C (mpremote): the REPL gets a board with its outputs off
+        raise
     except Exception as e:
         fatal(hw, p, e)
     return p
@@ -144,7 +156,15 @@ def boot_hw(path="/board.json", root="/", hal=None):
 
 
 def main():
-    hw, board = boot_hw()
+    try:
+        hw, board = boot_hw()
+    except Exception as e:
+        # no hw object to make safe: the esp32 layer drives outputs off as
+        # its first act, so all that is left is to say why and start over
+        sys.print_exception(e)
+        import machine
+
+        machine.reset()
     run(hw, board)
 
 

@@ -4,10 +4,17 @@
 #             not reopen them)
 #   first     first-use run time of exi permits, kept until their exp
 #   revoked   revoked permit ids until their exp, revoked users until a time
-# Entries go once the time floor passes their exp (the check would say
-# expired by then anyway). The stores are bounded and fail closed: when one
-# is full of live entries, a new single-use permit is refused with
-# store_full rather than an old entry forgotten. Every verdict is logged.
+# Entries go once the durable time (what a reboot restores at least: the
+# last persisted clock) passes their exp, so the check says expired for
+# them even after a power cut. The stores are bounded and fail closed: when
+# one is full of live entries, a new single-use permit is refused with
+# store_full rather than an old entry forgotten; when the file is damaged,
+# every permit is refused with store_lost until recover() (a server
+# command) says the board may start over. The file also keeps a copy of the
+# clock (time and run time), so losing the clock's own store entry does not
+# send it back to 1970. Every verdict on a token with a valid MAC is
+# logged; tokens without one at most once per NOISE_S, with a count of the
+# ones in between.
 import os
 
 import cbor
@@ -25,6 +32,7 @@ except ImportError:  # CPython
 MAX_USED = const(256)
 MAX_REVOKED = const(128)
 LEEWAY_S = const(60)
+NOISE_S = const(10)  # at most one log record per 10 s for tokens without a valid MAC
 _FILE = "/permits.cbor"
 
 
@@ -40,6 +48,9 @@ class Permits:
         self._first = {}  # cti -> [run_s at first use, exp]
         self._rev = {}  # cti -> exp
         self._rev_users = {}  # sub -> until
+        self.lost = False
+        self._noise = 0  # unauthenticated rejections not logged since the last one
+        self._noise_at = -NOISE_S
         self._load()
 
     # -- the env protocol/permit.py asks
@@ -61,7 +72,10 @@ class Permits:
 
     def exi_elapsed(self, cti):
         e = self._first.get(cti)
-        return None if e is None else self._clock.run_s() - e[0]
+        if e is None:
+            return None
+        t = self._clock.run_s() - e[0]
+        return t if t >= 0 else _FOREVER  # run time went back: fail closed
 
     # -- what the apps call
 
@@ -71,7 +85,9 @@ class Permits:
         reason, c = permit.verify(token, self, action, index)
         if c is not None:
             self._clock.saw_iat(c.get(wire.CLAIM_IAT))  # MAC-valid: server time
-        if reason == wire.OK and not self._room(c):
+        if reason == wire.OK and self.lost:
+            reason = wire.STORE_LOST
+        elif reason == wire.OK and not self._room(c):
             reason = wire.STORE_FULL
         self._record(reason, c, action, index)
         return reason, c
@@ -88,9 +104,11 @@ class Permits:
             self._clock.persist()  # a reboot must not restart the count
         self._save()
 
-    def revoke(self, cti=None, exp=0, sub=None, until=0):
+    def revoke(self, cti=None, exp=None, sub=None, until=None):
         """Revoke a permit (until its exp) or a user (until a time); returns
         a reason code (store_full when the list is full of live entries)."""
+        if (cti is None) == (sub is None) or (cti is not None and not isinstance(exp, int)) or (sub is not None and not isinstance(until, int)):
+            raise ValueError("revoke a permit id with its exp, or a user with an end time")
         self.prune()
         if len(self._rev) + len(self._rev_users) >= MAX_REVOKED:
             return wire.STORE_FULL
@@ -101,9 +119,16 @@ class Permits:
         self._save()
         return wire.OK
 
+    def recover(self):
+        """After store_lost: start over with empty stores (the server has
+        re-sent its revocations and accepts that single-use permits issued
+        before the loss may be used once more)."""
+        self.lost = False
+        self._save()
+
     def prune(self):
-        """Forget entries whose permits the floor shows expired."""
-        t = self._clock.floor() - self.leeway
+        """Forget entries whose permits the durable time shows expired."""
+        t = self._clock.durable() - self.leeway
         n = _drop(self._used, t, -1) + _drop(self._first, t, 1) + _drop(self._rev, t, -1) + _drop(self._rev_users, t, -1)
         if n:
             self._save()
@@ -127,7 +152,16 @@ class Permits:
         if self._log is None:
             return
         if c is None:
-            body = [reason, None, None, action, index]
+            # no valid MAC: anyone can send these, as fast as they like; one
+            # record per NOISE_S at most, carrying how many were not logged,
+            # so garbage cannot wear the flash or push readings out of the log
+            t = self._clock.run_s()
+            if t - self._noise_at < NOISE_S:
+                self._noise += 1
+                return
+            body = [reason, None, None, action, index, self._noise]
+            self._noise = 0
+            self._noise_at = t
         else:
             body = [reason, c.get(wire.CLAIM_CTI), c.get(wire.CLAIM_SUB), action, index]
         self._log.append(wire.LOG_PERMIT, body, self._clock.floor())
@@ -135,23 +169,54 @@ class Permits:
     def _load(self):
         try:
             with open(self._path, "rb") as f:
-                d = cbor.loads(f.read())
-            self._used = d[1]
-            self._first = d[2]
-            self._rev = d[3]
-            self._rev_users = d[4]
+                data = f.read()
         except OSError:
-            pass  # first boot: nothing stored yet
-        except (ValueError, KeyError, TypeError):
-            # written atomically, so this is flash corruption: say so loudly
+            return  # first boot: nothing stored yet
+        try:
+            d = cbor.loads(data)
+            if not _valid(d):
+                raise ValueError("permit store has the wrong shape")
+        except ValueError:
+            # written atomically, so this is flash damage: refuse permits
+            # rather than forget used ones and revocations
+            self.lost = True
             if self._log is not None:
                 self._log.append(wire.LOG_ALARM, ["permit_store_lost"], self._clock.floor())
+            return
+        self._used = d[1]
+        self._first = d[2]
+        self._rev = d[3]
+        self._rev_users = d[4]
+        self._clock.restore(d[5], d[6])
 
     def _save(self):
         tmp = self._path + ".tmp"
         with open(tmp, "wb") as f:
-            f.write(cbor.dumps({1: self._used, 2: self._first, 3: self._rev, 4: self._rev_users}))
+            f.write(cbor.dumps({1: self._used, 2: self._first, 3: self._rev, 4: self._rev_users, 5: self._clock.durable(), 6: self._clock.run_s()}))
         os.rename(tmp, self._path)
+
+
+_FOREVER = const(1 << 29)
+
+
+def _valid(d):
+    # the shape _save writes; anything else is damage
+    if not isinstance(d, dict) or not isinstance(d.get(5), int) or not isinstance(d.get(6), int):
+        return False
+    for k, kt in ((1, bytes), (2, bytes), (3, bytes), (4, str)):
+        m = d.get(k)
+        if not isinstance(m, dict):
+            return False
+        for key in m:
+            v = m[key]
+            if not isinstance(key, kt):
+                return False
+            if k == 2:
+                if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], int)):
+                    return False
+            elif not isinstance(v, int):
+                return False
+    return True
 
 
 def _drop(d, t, i):

@@ -214,14 +214,12 @@ def _decoder():
     return _dec
 
 
-def verify(token, env, action, index=None):
-    """action: the action the caller is about to take (None only in tools
-    that inspect a permit without acting on it); index: the slot or outlet
-    it acts on, checked against the scope (None: the caller picks within the
-    scope itself)."""
-    if len(token) > wire.MAX_PERMIT:
+def authenticate(token, keys, max_len, aad, d):
+    """Steps 1-5, shared with signed commands (command.py): size, structure,
+    alg, key, MAC. Returns (reason, payload) with payload a memoryview of
+    the MACed bytes when reason is OK. d: the Decoder to use."""
+    if len(token) > max_len:
         return wire.TOO_LARGE, None
-    d = _decoder()  # one decoder for the token, its headers and its claims
     try:
         alg, kid, protected, payload, tag = parse(token, d)
     except CBORError:
@@ -232,10 +230,8 @@ def verify(token, env, action, index=None):
         tag_len = 8
     else:
         return wire.BAD_ALG, None
-    if kid is None:
-        return wire.UNKNOWN_KEY, None
     try:
-        key = env.key(kid)
+        key = keys.key(kid) if kid is not None else None
     except NoKey:
         return wire.NO_KEY, None
     if key is None:
@@ -244,11 +240,20 @@ def verify(token, env, action, index=None):
         key = HMAC256(key)
     if key.key_len != _KEY_LEN:
         return wire.NO_KEY, None  # a key of another length is no key: fail closed
-    if len(tag) != tag_len:
+    if len(tag) != tag_len or not equal_prefix(mac_of(key, protected, payload, aad), tag):
         return wire.BAD_MAC, None
-    if not equal_prefix(mac_of(key, protected, payload), tag):
-        return wire.BAD_MAC, None
+    return wire.OK, payload
 
+
+def verify(token, env, action, index=None):
+    """action: the action the caller is about to take (None only in tools
+    that inspect a permit without acting on it); index: the slot or outlet
+    it acts on, checked against the scope (None: the caller picks within the
+    scope itself)."""
+    d = _decoder()  # one decoder for the token, its headers and its claims
+    reason, payload = authenticate(token, env, wire.MAX_PERMIT, None, d)
+    if reason != wire.OK:
+        return reason, None
     try:
         d.reset(payload, _CLAIMS_DEPTH)
         c = d.item()

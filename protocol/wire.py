@@ -119,6 +119,7 @@ REPLAYED = const(12)
 WRONG_ACTION = const(13)
 OUT_OF_SCOPE = const(14)
 STORE_FULL = const(15)  # the board cannot remember one more permit or revocation
+STORE_LOST = const(16)  # the board's permit store was damaged: it refuses permits
 
 REASON_NAMES = (
     "ok",
@@ -137,6 +138,7 @@ REASON_NAMES = (
     "wrong_action",
     "out_of_scope",
     "store_full",
+    "store_lost",
 )
 
 

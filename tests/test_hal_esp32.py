@@ -349,3 +349,15 @@ def test_linear_analog_and_chip_gpio_outputs(seen):
     assert w["voltage_zero"] == 100  # 0 V is a reading, not a fault
     assert w["lock_pins"] == [3, 3]  # Pin.OUT
     assert w["lock_levels_boot"] == [1, 0]  # off: high for the active-low lock
+
+
+def test_expander_outputs_go_off_before_a_failing_boot_gives_up(seen):
+    """An MCP23017 keeps its latch across an ESP32 reset: locks and chargers
+    wired to it stay on unless the boot drives them off first, even when
+    another part (here the battery mux) is missing and make() fails."""
+    err, olat, iodir = seen["latched_on_then_fails"]
+    assert err is not None and "0x70" in err
+    # station-4: per slot pins 2 (lock) and 3 (charger) are outputs; off = low
+    outputs = sum((1 << (4 * i + 2)) | (1 << (4 * i + 3)) for i in range(4))
+    assert olat & outputs == 0
+    assert iodir & outputs == 0

@@ -16,7 +16,7 @@ def run(mp_worker, tmp_path, mode, seconds):
 
 def test_healthy_run_boots_safe_and_keeps_the_watchdog_fed(mp_worker, tmp_path):
     out = run(mp_worker, tmp_path, "ok", 30)
-    assert out["charger1_before"] and out["charger1_at_boot"] is False  # outputs off before anything runs
+    assert out["charger1_at_boot"] is False  # left on before the boot, off before anything runs
     assert out["charger0_running"] is True
     assert out["ended"] == "returned" and not out["wdt_fired"] and out["ms"] >= 30000
     boot = [body for t, body in out["log"] if t == wire.LOG_BOOT]
@@ -40,10 +40,24 @@ def test_a_crash_is_logged_to_flash_and_the_outputs_go_safe(mp_worker, tmp_path)
     assert 3000 <= int(errors[0][1].split()[2]) < 3100
 
 
-def test_each_boot_gets_a_new_epoch(mp_worker, tmp_path):
-    first = run(mp_worker, tmp_path, "ok", 2)["epoch"]
-    second = run(mp_worker, tmp_path, "ok", 2)["epoch"]
-    assert second == first + 1
+def test_each_boot_gets_a_new_epoch_even_after_a_full_erase(mp_worker, tmp_path):
+    seen = [run(mp_worker, tmp_path, "ok", 2)["epoch"] for _ in range(3)]
+    assert len(set(seen)) == 3 and all(0 < e < 2**31 for e in seen)
+    for f in tmp_path.rglob("*"):  # erase the flash: store, log, permit store
+        if f.is_file():
+            f.unlink()
+    assert run(mp_worker, tmp_path, "ok", 2)["epoch"] not in seen
+
+
+def test_an_app_that_hangs_before_it_ever_checks_in_is_watched(mp_worker, tmp_path):
+    out = run(mp_worker, tmp_path, "hang_at_start", 60)
+    assert out["wdt_fired"] and out["ms"] <= 3000 + 8000 + 1000  # its 3 s, then the watchdog's 8 s
+
+
+def test_ctrl_c_leaves_the_outputs_off(mp_worker, tmp_path):
+    out = run(mp_worker, tmp_path, "interrupt", 30)
+    assert out["ended"] == "KeyboardInterrupt"
+    assert out["charger0_running"] is True and out["charger0_after"] is False
 
 
 def test_a_board_without_a_key_says_so_on_its_console_and_in_its_log(_mp_workers, mp_worker, tmp_path):

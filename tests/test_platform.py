@@ -206,7 +206,9 @@ def test_revocations_persist_and_are_pruned_after_expiry(board):
     assert board("use", tok, wire.ACTION_RENT, 0) == wire.REVOKED
     assert board("use", permit(START, user_id="u9"), wire.ACTION_RENT, 0) == wire.REVOKED
     assert board("counts")[2] == 2
-    board("advance", 3700)
+    board("advance", 3700)  # past exp, but the persisted time is not yet
+    assert board("prune") == 0
+    board("advance", 600)  # the next persist is past exp + leeway
     assert board("prune") == 1 and board("counts")[2] == 1  # the permit's entry, not the user's
 
 
@@ -217,8 +219,8 @@ def test_used_store_fails_closed_when_full(board):
     assert board("use", permit(START, cti=b"\xff" * 8), wire.ACTION_RENT, 0) == wire.STORE_FULL
     many = permit(START, cti=b"\xfe" * 8, single_use=False)
     assert board("use", many, wire.ACTION_RENT, 0) == wire.OK  # needs no room
-    board("advance", 3700)  # all expired: room again
-    assert board("use", permit(START + 3700, cti=b"\xfd" * 8), wire.ACTION_RENT, 0) == wire.OK
+    board("advance", 4300)  # all expired, also for the persisted time: room again
+    assert board("use", permit(START + 4300, cti=b"\xfd" * 8), wire.ACTION_RENT, 0) == wire.OK
 
 
 def test_every_verdict_is_logged_with_its_reason(board):
@@ -228,6 +230,20 @@ def test_every_verdict_is_logged_with_its_reason(board):
     board("check", "00", wire.ACTION_RENT, 0)
     logged = [r[1][0] for r in board("records", wire.LOG_PERMIT)]
     assert logged == [wire.OK, wire.EXPIRED, wire.MALFORMED]
+
+
+def test_garbage_tokens_cannot_flood_the_log(board):
+    sync_now(board, START)
+    for _ in range(500):
+        board("check", "00", wire.ACTION_RENT, 0)
+    board("advance", 10)
+    board("check", "a0", wire.ACTION_RENT, 0)
+    records = board("records", wire.LOG_PERMIT)
+    assert [r[1][0] for r in records] == [wire.MALFORMED, wire.MALFORMED]
+    assert records[1][1][5] == 499  # the ones not logged are counted
+    for _ in range(3):  # authenticated verdicts are always logged
+        board("check", permit(START, expires=START - 120, not_before=START - 300, issued_at=START - 300), wire.ACTION_RENT, 0)
+    assert len(board("records", wire.LOG_PERMIT)) == 5
 
 
 # ---------------------------------------------------------------- identity
@@ -250,3 +266,73 @@ def test_a_board_without_a_valid_key_refuses_every_permit(mp_worker, tmp_path, o
     got = mp_worker.call("simboard", "check", name, permit(START), wire.ACTION_RENT, 0)
     assert wire.reason_name(got["reason"]) == "no_key"
     assert mp_worker.call("simboard", "records", name, wire.LOG_PERMIT)[0][1][0] == wire.NO_KEY
+
+
+# ---------------------------------------------------------------- from review: what must not reopen a permit
+
+
+def test_prune_then_power_cut_does_not_reopen_a_used_permit(board):
+    tok = permit(START, not_before=None, expires=START + 1000, exi=5000)
+    assert board("use", tok, wire.ACTION_RENT, 0) == wire.OK  # untrusted: exi path
+    board("saw_iat", START)  # the floor is at START (server time)
+    board("advance", 1100)  # floor START + 1100 > exp; persisted at most START + 1070ish
+    board("prune")
+    board("reboot", True)
+    assert wire.reason_name(board("check", tok, wire.ACTION_RENT, 0)["reason"]) in ("replayed", "expired")
+
+
+def test_far_future_iat_on_an_untrusted_clock_cannot_make_the_board_forget(board):
+    tok = permit(START, not_before=None, expires=START + 3600, exi=600)
+    assert board("use", tok, wire.ACTION_RENT, 0) == wire.OK
+    # an authentic permit with a bogus iat (a server bug) raises the floor...
+    board("check", permit(START, issued_at=START + 10**8, expires=START + 10**8 + 10), wire.ACTION_RENT, 0)
+    assert board("state")["floor"] == START + 10**8
+    assert board("prune") == 0  # ...but not what the stores forget by
+    assert sync_now(board, START + 10) == wire.OK  # and a sync puts it back
+    assert board("state")["floor"] == START + 10
+    assert board("use", tok, wire.ACTION_RENT, 0) == wire.REPLAYED
+
+
+def test_a_lost_clock_entry_is_restored_from_the_permit_store(mp_worker, board):
+    assert sync_now(board, START) == wire.OK
+    tok = permit(START, exi=600, expires=START + 86400)
+    assert board("use", tok, wire.ACTION_RENT, 0) == wire.OK
+    board("advance", 100)
+    assert board("use", tok, wire.ACTION_RENT, 0) == wire.REPLAYED
+    mp_worker.call("simboard", "forget_store_key", board.name, "clock")
+    st = board("reboot", True)
+    assert st["floor"] >= START  # not 1970
+    many = permit(START, exi=600, expires=START + 86400, single_use=False, cti=b"\x0c" * 8)
+    assert board("use", many, wire.ACTION_RENT, 0) == wire.OK
+
+
+def test_a_damaged_permit_store_refuses_every_permit_until_recovered(mp_worker, board, tmp_path):
+    sync_now(board, START)
+    assert board("use", permit(START), wire.ACTION_RENT, 0) == wire.OK
+    for damage in (b"", b"\x83\x01\x02\x03", b"\xa1\x01\x63abc", b"\xff\x00"):
+        (tmp_path / "permits.cbor").write_bytes(damage)
+        board("reboot", False)
+        sync_now(board, START + 5)
+        assert wire.reason_name(board("check", permit(START), wire.ACTION_RENT, 0)["reason"]) == "store_lost"
+    assert ["permit_store_lost"] in [r[1] for r in board("records", wire.LOG_ALARM)]
+    mp_worker.call("simboard", "recover", board.name)
+    assert board("use", permit(START), wire.ACTION_RENT, 0) == wire.OK
+
+
+@pytest.mark.parametrize("tick_ms", [999, 1002, 1500, 10000])
+def test_the_clock_keeps_time_at_any_tick_rate(mp_worker, board, tick_ms):
+    assert sync_now(board, START) == wire.OK
+    st = mp_worker.call("simboard", "advance_ms", board.name, 600_000, tick_ms)
+    assert st["now"] == START + 600 and st["run_s"] >= 600
+
+
+def test_a_time_sync_under_the_previous_key_is_refused(mp_worker, tmp_path):
+    new = keys.derive_device_key(MASTER, DEVICE, 2)
+    s = store(key=new.hex(), key_ver=2, key_old=KEY.hex(), key_old_v=1, key_old_x=(START + 86400) // 16)
+    name = f"rot{next(_names)}"
+    mp_worker.call("simboard", "new", name, _board_file(tmp_path, False), str(tmp_path), s)
+    nonce = bytes.fromhex(mp_worker.call("simboard", "begin_sync", name))
+    assert mp_worker.call("simboard", "sync", name, commands.time_sync(START, nonce, KEY, 1).hex()) == wire.UNKNOWN_KEY
+    assert mp_worker.call("simboard", "sync", name, commands.time_sync(START, nonce, new, 2).hex()) == wire.OK
+    # permits under the old key still verify during the overlap
+    assert mp_worker.call("simboard", "use", name, permit(START), wire.ACTION_RENT, 0) == wire.OK

@@ -20,6 +20,7 @@ hw has:
   hw.root                 filesystem root for the log and state files ("/" on a board)
   hw.ticks_ms()           monotonic milliseconds (wraps as time.ticks_ms)
   hw.ticks_diff(a, b)     a - b for two ticks_ms values, wrap-aware
+  hw.ticks_add(a, ms)     a + ms as a ticks_ms value, wrap-aware
   await hw.sleep_ms(ms)   what tasks sleep on (asyncio.sleep_ms on the board;
                           simulated time that tests advance in hal.sim)
   hw.reset()              hard reset (the sim raises SystemExit)

@@ -353,12 +353,32 @@ class Outlet:
         self.meter = meter
 
 
+def _expanders_safe(board, exps):
+    masks = {}  # type: dict[str, list[int]]  # expander name -> [output mask, off levels]
+    specs = [board.get("status_led")]
+    for sl in board.get("slots", ()):
+        specs.append(sl.get("lock"))
+        specs.append(sl.get("charger"))
+    for o in board.get("outlets", ()):
+        specs.append(o.get("relay"))
+    for spec in specs:
+        if spec and spec.get("expander") in exps:
+            m = masks.setdefault(spec["expander"], [0, 0])
+            bit = 1 << spec["pin"]
+            m[0] |= bit
+            if spec.get("active_low"):
+                m[1] |= bit
+    for name in masks:
+        exps[name].set_outputs(masks[name][0], masks[name][1])
+
+
 class HW:
     def __init__(self, board):
         self.kind = board["kind"]
         self.root = "/"
         self.ticks_ms = time.ticks_ms
         self.ticks_diff = time.ticks_diff
+        self.ticks_add = time.ticks_add
         self.sleep_ms = asyncio.sleep_ms
         self.reset = machine.reset
         self._outs = []  # type: list[Out]
@@ -371,8 +391,17 @@ class HW:
             else:
                 self._ow[name] = onewire.OneWire(Pin(b["pin"]))
         self._exps = {}
+        err = None
         for name, e in board.get("expanders", {}).items():
-            self._exps[name] = mcp23017.MCP23017(self._i2c[e["bus"]], e["addr"])
+            try:
+                self._exps[name] = mcp23017.MCP23017(self._i2c[e["bus"]], e["addr"])
+            except OSError as x:
+                err = x
+        # expanders keep their output latch across an ESP32 reset: drive every
+        # expander output off now, before any other part can fail the boot
+        _expanders_safe(board, self._exps)
+        if err is not None:
+            raise err
         self.slots = [self._slot(s) for s in board.get("slots", ())]
         self.outlets = []
         unit = 0  # two pulse counter units per meter

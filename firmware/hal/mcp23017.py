@@ -39,6 +39,16 @@ class MCP23017:
         self._dir = self._read(_IODIR)
         self._lat = self._read(_OLAT)
 
+    def set_outputs(self, mask, levels):
+        """Make the pins in mask outputs driving the bits of levels: latch
+        first, then direction, two bus writes for all 16 pins. The chip keeps
+        its latch across an ESP32 reset, so the board drives its outputs off
+        with this before anything else."""
+        self._lat = (self._lat & ~mask) | (levels & mask)
+        self._write(_OLAT, self._lat)
+        self._dir &= ~mask
+        self._write(_IODIR, self._dir)
+
     def output(self, n, v):
         """Make pin n an output driving v."""
         self.write(n, v)

@@ -321,7 +321,9 @@ class Store:
             with open(path) as f:
                 self._d = json.load(f)
         except OSError:
-            pass
+            pass  # a new board
+        except ValueError:
+            self._d = {}  # a torn file: NVS would lose the entries the same way
 
     def get(self, key):
         v = self._d.get(key)
@@ -386,6 +388,9 @@ class Hardware:
 
     def ticks_diff(self, a, b):
         return a - b  # the simulated counter does not wrap
+
+    def ticks_add(self, a, ms):
+        return a + ms
 
     async def sleep_ms(self, ms):
         # simulated time: wait (yielding to the other tasks) until whoever

@@ -12,20 +12,27 @@ from log import Log
 
 class App:
     """A stand-in application: holds slot 0's charger on and checks in, and
-    misbehaves as told ("hang": stops checking in at 5 s, "crash": raises at 3 s)."""
+    misbehaves as told ("hang": stops checking in at 5 s, "hang_at_start":
+    never checks in, "crash": raises at 3 s, "interrupt": Ctrl-C at 3 s)."""
+
+    name = "app"
+    watch_ms = 3000
 
     def __init__(self, p, mode):
         self.p = p
         self.mode = mode
 
     async def run(self, sup):
-        sup.register("app", 3000)
         hw = self.p.hw
+        if self.mode == "hang_at_start":
+            await asyncio.Event().wait()  # never checks in
         hw.slots[0].charger.on()
         while True:
             t = hw.world.ms
             if self.mode == "crash" and t >= 3000:
                 raise RuntimeError("boom at %d ms" % t)
+            if self.mode == "interrupt" and t >= 3000:
+                raise KeyboardInterrupt()
             if self.mode == "hang" and t >= 5000:
                 await asyncio.Event().wait()  # never checks in again
             sup.beat("app")
@@ -41,7 +48,7 @@ def run(board_path, root, store, mode, seconds):
         hw.store.set(k, unhexlify(store[k])) if not isinstance(store[k], int) else hw.store.set_int(k, store[k])
     hw.store.commit()
     world.slots[1].charger_on = True  # left on by whatever ran before the boot
-    out = {"charger1_before": world.slots[1].charger_on}
+    out = {}
     seen = {}
 
     async def drive(p, sup):
@@ -58,6 +65,8 @@ def run(board_path, root, store, mode, seconds):
         out["epoch"] = p.epoch
     except SystemExit:
         out["ended"] = "reset"
+    except KeyboardInterrupt:
+        out["ended"] = "KeyboardInterrupt"
     out.update(seen)
     out["wdt_fired"] = world.wdt_fired
     out["ms"] = world.ms

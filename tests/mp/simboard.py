@@ -93,7 +93,7 @@ def begin_sync(name):
 
 
 def sync(name, token_hex):
-    return BOARDS[name].clock.sync(unhexlify(token_hex), BOARDS[name].permits)
+    return BOARDS[name].clock.sync(unhexlify(token_hex), BOARDS[name].ident.current())
 
 
 def saw_iat(name, iat):
@@ -133,3 +133,25 @@ def records(name, rtype):
 def ident(name):
     i = BOARDS[name].ident
     return {"device_id": i.device_id, "has_key": i.has_key(), "problems": i.problems, "site": i.site, "link": wire.json_form(i.link)}
+
+
+def advance_ms(name, ms, tick_ms):
+    """Advance in steps of tick_ms, ticking the clock after each, as the
+    clock task does when its wake-ups come late or early."""
+    b = BOARDS[name]
+    while ms > 0:
+        step = min(tick_ms, ms)
+        b.world.advance(step)
+        b.clock.tick()
+        ms -= step
+    return state(name)
+
+
+def forget_store_key(name, key):
+    b = BOARDS[name]
+    b.hw.store.delete(key)
+    b.hw.store.commit()
+
+
+def recover(name):
+    BOARDS[name].permits.recover()

@@ -33,6 +33,9 @@ class Clock:
     def ticks_diff(self, a, b):
         return time.ticks_diff(a, b)
 
+    def ticks_add(self, a, ms):
+        return time.ticks_add(a, ms)
+
     def gmtime(self, t):
         return time.gmtime(t)
 
@@ -167,6 +170,23 @@ def missing(board, addr):
     return None
 
 
+def latched_on_then_fails(board):
+    """The ESP32 reset with every expander output on (the chip keeps its
+    latch), and the mux is gone: make() fails, the outputs are off anyway."""
+    exp, _, _ = station_devices({})
+    exp.regs[0x00] = exp.regs[0x01] = 0x00  # IODIR: all outputs, from before the reset
+    exp.regs[0x14] = exp.regs[0x15] = 0xFF  # OLAT: all driven high
+    del machine.i2c_devices[MUX]
+    try:
+        hal_esp32.make(board)
+        err = None
+    except OSError as e:
+        err = str(e)
+    olat = exp.regs[0x14] | (exp.regs[0x15] << 8)
+    iodir = exp.regs[0x00] | (exp.regs[0x01] << 8)
+    return [err, olat, iodir]
+
+
 def not_mcp(board):
     exp, _, _ = station_devices({})
     exp.regs[0x0A] = 0x04
@@ -295,6 +315,7 @@ def run(boards):
         "station": station(boards["station"]),
         "missing": {hex(a): missing(boards["station"], a) for a in (MCP, MUX, DS3231)},
         "not_mcp": not_mcp(boards["station"]),
+        "latched_on_then_fails": latched_on_then_fails(boards["station"]),
         "failing_expander": failing_expander(boards["station"]),
         "outlets": outlets(boards["outlets"]),
         "one_wire": one_wire(boards["one_wire"]),
