@@ -214,7 +214,7 @@ def test_revocations_persist_and_are_pruned_after_expiry(board):
 
 def test_used_store_fails_closed_when_full(board):
     sync_now(board, START)
-    for i in range(256):
+    for i in range(128):  # permits.MAX_USED
         assert board("use", permit(START, cti=i.to_bytes(8, "big")), wire.ACTION_RENT, 0) == wire.OK
     assert board("use", permit(START, cti=b"\xff" * 8), wire.ACTION_RENT, 0) == wire.STORE_FULL
     many = permit(START, cti=b"\xfe" * 8, single_use=False)
@@ -309,8 +309,11 @@ def test_a_lost_clock_entry_is_restored_from_the_permit_store(mp_worker, board):
 def test_a_damaged_permit_store_refuses_every_permit_until_recovered(mp_worker, board, tmp_path):
     sync_now(board, START)
     assert board("use", permit(START), wire.ACTION_RENT, 0) == wire.OK
-    for damage in (b"", b"\x83\x01\x02\x03", b"\xa1\x01\x63abc", b"\xff\x00"):
-        (tmp_path / "permits.cbor").write_bytes(damage)
+    good = (tmp_path / "permits.bin").read_bytes()
+    flipped = bytearray(good)
+    flipped[40] ^= 0x01  # one bit inside the used table: the CRC catches it
+    for damage in (b"", b"VGP2", good[:-1], bytes(flipped), b"\xff" * len(good)):
+        (tmp_path / "permits.bin").write_bytes(damage)
         board("reboot", False)
         sync_now(board, START + 5)
         assert wire.reason_name(board("check", permit(START), wire.ACTION_RENT, 0)["reason"]) == "store_lost"
@@ -336,3 +339,12 @@ def test_a_time_sync_under_the_previous_key_is_refused(mp_worker, tmp_path):
     assert mp_worker.call("simboard", "sync", name, commands.time_sync(START, nonce, new, 2).hex()) == wire.OK
     # permits under the old key still verify during the overlap
     assert mp_worker.call("simboard", "use", name, permit(START), wire.ACTION_RENT, 0) == wire.OK
+
+
+def test_full_permit_stores_cost_no_more_heap_than_empty_ones(board):
+    sync_now(board, START)
+    tokens = [permit(START, cti=i.to_bytes(8, "big")) for i in range(128)]
+    got = board("store_heap", tokens)
+    assert got["counts"] == [128, 0, 64]
+    assert got["full"] - got["empty"] < 256  # fixed tables: nothing per entry
+    assert got["save"] < 1024  # written straight from the tables (the dict store took 337 KB)

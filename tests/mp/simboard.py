@@ -155,3 +155,33 @@ def forget_store_key(name, key):
 
 def recover(name):
     BOARDS[name].permits.recover()
+
+
+def _fill(b, tokens_hex):
+    for t in tokens_hex:
+        reason, c = b.permits.check(unhexlify(t), wire.ACTION_RENT, 0)
+        if reason == wire.OK:
+            b.permits.consume(c)
+    for i in range(64):
+        b.permits.revoke(sub="user-%d" % i, until=2000000000)
+
+
+def store_heap(name, tokens_hex):
+    """Live heap with the used table empty and full, and what one save
+    allocates (micropython.mem_total)."""
+    import gc
+
+    import micropython
+
+    b = BOARDS[name]
+    b.permits.check(unhexlify(tokens_hex[0]), wire.ACTION_RENT, 0)  # one-time: the verifier's decoder
+    b.log.records = []
+    gc.collect()
+    empty = gc.mem_alloc()
+    _fill(b, tokens_hex)  # in a function of its own: its locals die with it
+    b.log.records = []  # the stand-in log keeps records in RAM; a board's does not
+    gc.collect()
+    full = gc.mem_alloc()
+    a0 = micropython.mem_total()
+    b.permits._save()
+    return {"empty": empty, "full": full, "save": micropython.mem_total() - a0, "counts": list(b.permits.counts())}
