@@ -8,6 +8,14 @@ Layout of the output folder (what goes onto the board's filesystem):
 
 Only .mpy files go out: MicroPython prefers a .py over a .mpy of the same
 name, and importing .py needs ~4x the heap (shared/FIELD-NOTES.md).
+
+Wire constants are folded in at build time. MicroPython's const() folds
+only within a module, so every `wire.X` in the board's code would cost a
+global lookup at run time and the name X in RAM twice (the module's qstrs
+and wire's globals). The build replaces `wire.X` with X's integer value in
+the text it compiles (on the same line, so tracebacks keep their line
+numbers) and compiles wire.py without the integer names nothing reads any
+more. The sources, and the tests that run them, keep `wire.X`.
 """
 
 from __future__ import annotations
@@ -71,6 +79,52 @@ def _sources() -> list[tuple[Path, str]]:
     return items
 
 
+_WIRE_REF = re.compile(r"\bwire\.([A-Z][A-Z0-9_]*)\b")
+_WIRE_DEF = re.compile(r"^([A-Z][A-Z0-9_]*) = const\((-?\d+)\)(.*)$")
+
+
+def wire_constants() -> dict[str, int]:
+    """The integer constants of protocol/wire.py, as its const() lines say."""
+    out = {}
+    for line in (tree.protocol_dir() / "wire.py").read_text().splitlines():
+        m = _WIRE_DEF.match(line)
+        if m:
+            out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def fold_wire(text: str, consts: dict[str, int]) -> str:
+    """wire.X -> X's value, for every integer constant X of wire.py."""
+
+    def sub(m):
+        name = m.group(1)
+        return str(consts[name]) if name in consts else m.group(0)
+
+    return _WIRE_REF.sub(sub, text)
+
+
+def strip_wire(text: str) -> str:
+    """wire.py for the board: its integer constants become comments (the
+    line count stays), since every module has them folded in."""
+    lines = []
+    for line in text.splitlines():
+        m = _WIRE_DEF.match(line)
+        lines.append(f"# {m.group(1)} = {m.group(2)} (folded into the modules)" if m else line)
+    return "\n".join(lines) + "\n"
+
+
+def _prepared(src: Path, rel: str, staging: Path, consts: dict[str, int]) -> Path:
+    """The text mpy-cross compiles: with wire constants folded (see above)."""
+    text = src.read_text()
+    new = strip_wire(text) if rel == "wire.py" else fold_wire(text, consts)
+    if new == text:
+        return src
+    out = staging / rel
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(new)
+    return out
+
+
 def _fetch(pkg: dict, cache: Path) -> bytes:
     """The package archive, from the cache or PyPI, checked against its sha256."""
     path = cache / pkg["file"]
@@ -130,12 +184,16 @@ def build(out: Path, cache: Path | None = None, progress=None) -> BuildReport:
     for pkg in libs:
         items += _extract(pkg, _fetch(pkg, cache), src_staging)
         report.fetched.append(f"{pkg['name']}=={pkg['version']}")
+    consts = wire_constants()
+    folded = out.parent / (out.name + ".fold")
+    shutil.rmtree(folded, ignore_errors=True)
     for src, rel in items:
         if progress:
             progress(rel)
-        compile_file(src, staging / (rel[:-3] + ".mpy"), rel)
+        compile_file(_prepared(src, rel, folded, consts), staging / (rel[:-3] + ".mpy"), rel)
         report.compiled.append(rel[:-3] + ".mpy")
     shutil.rmtree(src_staging, ignore_errors=True)
+    shutil.rmtree(folded, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return report
