@@ -93,8 +93,11 @@ async def _main(p, apps, sup):
     sup.register("clock", 3 * CLOCK_TICK_MS)
     for app in apps:
         # an app has .name, checks in with sup.beat(app.name), and may set
-        # .watch_ms (how long it may go without checking in)
-        sup.register(app.name, getattr(app, "watch_ms", APP_WATCH_MS))
+        # .watch_ms (how long it may go without checking in; 0: not watched,
+        # for a task that only waits on input)
+        limit = getattr(app, "watch_ms", APP_WATCH_MS)
+        if limit:
+            sup.register(app.name, limit)
     tasks = [asyncio.create_task(sup.run()), asyncio.create_task(clock_task(p, sup))]
     for app in apps:
         tasks.append(asyncio.create_task(app.run(sup)))
@@ -155,6 +158,35 @@ def boot_hw(path="/board.json", root="/", hal=None):
     return hw, keep
 
 
+def app_for(kind):
+    """The application factory for a board kind (firmware/APPS.md)."""
+    if kind == "station":
+        from station import Station
+
+        return Station
+    from outlet import Outlet
+
+    return Outlet
+
+
+class Console:
+    """The console as a supervised task: permits presented on the serial line
+    (present.py). Built after the application it hands permits to."""
+
+    name = "console"
+    watch_ms = 0  # it waits on input: it has no beat to keep
+
+    def __init__(self, app):
+        import present
+
+        self._present = present
+        self._presenter = present.Presenter(app)
+
+    async def run(self, sup):
+        reader = asyncio.StreamReader(sys.stdin)
+        await self._present.console(self._presenter, reader)
+
+
 def main():
     try:
         hw, board = boot_hw()
@@ -165,7 +197,14 @@ def main():
         import machine
 
         machine.reset()
-    run(hw, board)
+    apps = []
+
+    def make_app(p):
+        app = app_for(board["kind"])(p)
+        apps.append(app)
+        return app
+
+    run(hw, board, (make_app, lambda p: Console(apps[0])))
 
 
 if __name__ == "__main__":
