@@ -193,6 +193,9 @@ def claims_ok(c):
         for i in scope:
             if not _uint(i):
                 return False
+    bat = c.get(wire.CLAIM_BATTERY)
+    if bat is not None and (not isinstance(bat, bytes) or not 0 < len(bat) <= wire.MAX_BATTERY_ID):
+        return False
     limits = c.get(wire.CLAIM_LIMITS)
     if limits is not None:
         if not isinstance(limits, dict):

@@ -31,6 +31,7 @@ CLAIM_ACTION = const(-65537)
 CLAIM_SCOPE = const(-65538)
 CLAIM_LIMITS = const(-65539)
 CLAIM_USES = const(-65540)
+CLAIM_BATTERY = const(-65541)  # a return permit may name the battery (its id)
 
 # keys inside the limits map
 LIMIT_WH = const(1)
@@ -52,6 +53,7 @@ MAX_PERMIT = const(512)  # bytes of one permit token
 MAX_CTI = const(32)  # bytes of a permit id
 MAX_SCOPE = const(16)  # indexes in a scope (a station has at most 16 slots)
 MAX_TEXT_CLAIM = const(64)  # bytes of iss, sub, aud
+MAX_BATTERY_ID = const(16)  # bytes of a battery id
 MAX_FRAME = const(2048)  # payload bytes of one serial frame
 
 # Message envelope (SPEC.md, Messages): a CBOR map with these keys
@@ -120,6 +122,7 @@ WRONG_ACTION = const(13)
 OUT_OF_SCOPE = const(14)
 STORE_FULL = const(15)  # the board cannot remember one more permit or revocation
 STORE_LOST = const(16)  # the board's permit store was damaged: it refuses permits
+UNAVAILABLE = const(17)  # a valid permit no slot or outlet can serve now; not used up
 
 REASON_NAMES = (
     "ok",
@@ -139,6 +142,7 @@ REASON_NAMES = (
     "out_of_scope",
     "store_full",
     "store_lost",
+    "unavailable",
 )
 
 

@@ -19,7 +19,7 @@ def test_vector_file_is_what_the_generator_makes():
 
 
 # verdicts the board's stores give, not permit.verify (tests/test_platform.py)
-PLATFORM_ONLY = {"store_full", "store_lost"}
+PLATFORM_ONLY = {"store_full", "store_lost", "unavailable"}
 
 
 def test_every_reason_code_has_a_vector():

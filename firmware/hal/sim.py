@@ -249,14 +249,22 @@ class _Ident:
     def __init__(self, slot):
         self._s = slot
 
+    def _bus(self):
+        # world.fault(i, "identity", "open"): the battery's bus fails (an
+        # SMBus or 1-Wire error), as hal.esp32 raises it
+        if self._s.faults.get("identity") == "open":
+            raise OSError(_EIO, "sim identity bus error")
+
     def read(self):
         b = self._s.battery
+        self._bus()
         if b is None or self._s.faults.get("identity") == "noid":
             return None
         return b.id
 
     def state(self):
         b = self._s.battery
+        self._bus()
         if b is None or self._s.faults.get("identity") == "noid":
             return {}
         return {"mv": b.terminal_mv(), "ma": b.ma, "dc": int(b.temp_dc), "soc": int(b.soc * 100), "soh": b.soh, "cycles": b.cycles}
@@ -267,9 +275,12 @@ class _Meter:
         self._o = outlet
         self._p = p
         self.mwh_per_pulse = mwh_per_pulse
+        self._uj = int(mwh_per_pulse * _MS_PER_H)  # mW x ms a pulse: made once, so pulses() allocates no float
 
     def pulses(self):
-        return self._o.energy_uj // int(self.mwh_per_pulse * _MS_PER_H)
+        if self._o.faults.get("meter") == "open":  # world.fault(i, "meter", "open"): the meter stops answering
+            raise OSError(_EIO, "sim meter open")
+        return self._o.energy_uj // self._uj
 
     def power_mw(self):
         return self._o.power_mw()
