@@ -39,6 +39,7 @@ def build_claims(
     max_wh: int | None = None,
     max_w: int | None = None,
     single_use: bool = True,
+    battery: bytes | None = None,
     cti: bytes | None = None,
     issuer: str | None = None,
 ) -> dict:
@@ -79,6 +80,8 @@ def build_claims(
         limits[wire.LIMIT_W] = max_w
     if limits:
         c[wire.CLAIM_LIMITS] = limits
+    if battery is not None:
+        c[wire.CLAIM_BATTERY] = bytes(battery)
     c[wire.CLAIM_USES] = wire.USES_SINGLE if single_use else wire.USES_MANY
     if not _board.permit.claims_ok(c):
         raise VoltgateError(
@@ -240,11 +243,12 @@ def describe(claims: dict) -> dict:
         wire.CLAIM_SCOPE: "scope",
         wire.CLAIM_LIMITS: "limits",
         wire.CLAIM_USES: "uses",
+        wire.CLAIM_BATTERY: "battery",
     }
     out = {}
     for k, val in claims.items():
         name = names.get(k, str(k))
-        if k == wire.CLAIM_CTI and isinstance(val, bytes):
+        if k in (wire.CLAIM_CTI, wire.CLAIM_BATTERY) and isinstance(val, bytes):
             val = val.hex()
         elif k == wire.CLAIM_ACTION and isinstance(val, int) and 0 < val < len(wire.ACTION_NAMES):
             val = wire.ACTION_NAMES[val]
