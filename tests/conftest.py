@@ -76,12 +76,12 @@ class MP:
     def __init__(self, compiled_path: list[str] | None):
         self._compiled = compiled_path
 
-    def run(self, script=None, code=None, *, heapsize=None, args=(), compiled=False, timeout=120, check=True):
+    def run(self, script=None, code=None, *, heapsize=None, args=(), compiled=False, timeout=120, check=True, stdin=None):
         if compiled:
             path = [str(mpy.MPSIDE), str(MP_TESTS), *self._compiled]
         else:
             path = mpy.source_path(MP_TESTS)
-        return mpy.run(script, code, path=path, heapsize=heapsize, args=args, timeout=timeout, check=check)
+        return mpy.run(script, code, path=path, heapsize=heapsize, args=args, timeout=timeout, check=check, stdin=stdin)
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,7 @@ def run(
     timeout: float = 120,
     cwd: str | Path | None = None,
     check: bool = True,
+    stdin: str | None = None,
 ) -> Result:
     """Run a script file (or a code string) and collect its emitted records."""
     if (script is None) == (code is None):
@@ -112,6 +113,7 @@ def run(
             text=True,
             timeout=timeout,
             cwd=cwd,
+            input=stdin if stdin is not None else "",
         )
     except subprocess.TimeoutExpired as e:
         raise MicroPythonError(f"MicroPython did not finish within {timeout} s", str(e.stdout or "") + str(e.stderr or "")) from None
