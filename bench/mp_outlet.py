@@ -20,10 +20,7 @@ with open(sys.argv[1]) as f:  # a file: the unix port fails on an argument over 
 import main as boot
 
 hw, config = boot.boot_hw(spec["board"], spec["root"], "sim")
-for k in spec["store"]:
-    v = spec["store"][k]
-    hw.store.set_int(k, v) if isinstance(v, int) else hw.store.set(k, unhexlify(v))
-hw.store.commit()
+hw.store.provision(spec["store"])
 hw.ext_rtc.set(spec["start"])
 import system
 

@@ -6,7 +6,6 @@
 import gc
 import json
 import sys
-from binascii import unhexlify
 
 import micropython
 from vgemit import emit
@@ -24,13 +23,7 @@ def main(path):
     import main as boot
 
     hw, config = boot.boot_hw(spec["board"], spec["root"], "sim")
-    for k in spec["store"]:
-        v = spec["store"][k]
-        if isinstance(v, int):
-            hw.store.set_int(k, v)
-        else:
-            hw.store.set(k, unhexlify(v))
-    hw.store.commit()
+    hw.store.provision(spec["store"])
     with_hal = live()
     import system
 

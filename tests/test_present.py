@@ -59,9 +59,7 @@ with open(spec["board"]) as f:
     board = json.load(f)
 world = sim.World(board)
 hw = sim.make(board, spec["root"], world)
-for k, v in spec["store"].items():
-    hw.store.set_int(k, v) if isinstance(v, int) else hw.store.set(k, unhexlify(v))
-hw.store.commit()
+hw.store.provision(spec["store"])
 world.outlets[0].load_w = 1000
 apps = []
 

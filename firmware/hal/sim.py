@@ -363,6 +363,16 @@ class Store:
     def delete(self, key):
         self._d.pop(key, None)
 
+    def provision(self, items):
+        """Write what provisioning would: {key: hex blob or int}, committed."""
+        for k in items:
+            v = items[k]
+            if isinstance(v, int):
+                self.set_int(k, v)
+            else:
+                self.set(k, _unhex(v))
+        self.commit()
+
     def commit(self):
         tmp = self._path + ".tmp"
         with open(tmp, "w") as f:

@@ -1,7 +1,6 @@
 # Runs on MicroPython: the main loop on simulated hardware, in simulated time.
 import asyncio
 import json
-from binascii import unhexlify
 
 import cbor
 import main
@@ -44,9 +43,7 @@ def run(board_path, root, store, mode, seconds):
         board = json.load(f)
     world = sim.World(board)
     hw = sim.make(board, root, world)
-    for k in store:
-        hw.store.set(k, unhexlify(store[k])) if not isinstance(store[k], int) else hw.store.set_int(k, store[k])
-    hw.store.commit()
+    hw.store.provision(store)
     world.slots[1].charger_on = True  # left on by whatever ran before the boot
     out = {}
     seen = {}

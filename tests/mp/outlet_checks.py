@@ -22,13 +22,7 @@ class Board:
         self.opts = opts
         self.world = sim.World(board)
         hw = sim.make(board, root, self.world)
-        for k in store:
-            v = store[k]
-            if isinstance(v, int):
-                hw.store.set_int(k, v)
-            else:
-                hw.store.set(k, unhexlify(v))
-        hw.store.commit()
+        hw.store.provision(store)
         if opts.get("ext_rtc") is not None:
             hw.ext_rtc.set(opts["ext_rtc"])
         self.changes = []  # [world ms, world unix, outlet, relay on] as the relays moved
@@ -239,10 +233,7 @@ def run_main(board_path, root, store, ext_rtc, token_hex, seconds):
         board = json.load(f)
     world = sim.World(board)
     hw = sim.make(board, root, world)
-    for k in store:
-        v = store[k]
-        hw.store.set_int(k, v) if isinstance(v, int) else hw.store.set(k, unhexlify(v))
-    hw.store.commit()
+    hw.store.provision(store)
     hw.ext_rtc.set(ext_rtc)
     apps = []
     seen = {"changes": []}

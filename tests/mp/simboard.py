@@ -35,13 +35,7 @@ class SimBoard:
         self.world = sim.World(board)
         self.log = ListLog()
         hw = sim.make(board, root, self.world)
-        for k in store:
-            v = store[k]
-            if isinstance(v, int):
-                hw.store.set_int(k, v)
-            else:
-                hw.store.set(k, unhexlify(v))
-        hw.store.commit()
+        hw.store.provision(store)
         self.boot()
 
     def boot(self):

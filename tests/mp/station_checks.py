@@ -90,13 +90,7 @@ class Board:
             if bat is not None:
                 self.world.slots[i].insert(unhexlify(bat[0]), bat[1], bat[2], bat[3])
         hw = sim.make(board, root, self.world)
-        for k in store:
-            v = store[k]
-            if isinstance(v, int):
-                hw.store.set_int(k, v)
-            else:
-                hw.store.set(k, unhexlify(v))
-        hw.store.commit()
+        hw.store.provision(store)
         if opts.get("trusted", True):
             hw.ext_rtc.set(self.world.unix())  # a battery-backed RTC that kept time
         self.seen = 0  # last log seq handed to the test
@@ -256,10 +250,7 @@ def run_main(board_path, root, store, seconds, token_hex):
         board = json.load(f)
     world = sim.World(board)
     hw = sim.make(board, root, world)
-    for k in store:
-        v = store[k]
-        hw.store.set_int(k, v) if isinstance(v, int) else hw.store.set(k, unhexlify(v))
-    hw.store.commit()
+    hw.store.provision(store)
     hw.ext_rtc.set(world.unix())
     seen = {}
     apps = []
