@@ -92,6 +92,8 @@ _RESET_MS = const(60000)
 _STUCK_MW = const(5000)
 _STUCK_MS = const(3000)
 _READING_S = const(60)  # default; the store's "out_read_s" or the factory's reading_s overrides it
+_READ_MIN_S = const(5)  # bounds on the store value: a reading every cycle would flood the log
+_READ_MAX_S = const(3600)
 _PERSIST_MS = const(60000)
 _PERSIST_MWH = const(10000)
 _ENERGY_MS = const(3600000)  # energy totals to the log, when they changed
@@ -255,6 +257,8 @@ class Outlet:
         self._views = [None] * (_RB + 1)  # record bodies by length, made on first use
         if reading_s is None:
             reading_s = hw.store.get_int("out_read_s", _READING_S)
+            if not _READ_MIN_S <= reading_s <= _READ_MAX_S:
+                reading_s = _READING_S  # a bad store value must not flood the log
         self._read_ms = reading_s * 1000
         self._ms = hw.ticks_ms()
         self._t = self._clock.floor()
@@ -398,6 +402,9 @@ class Outlet:
         self._state(ch, "open", "trip")
 
     def _retry(self, ch):
+        if self._permits.revoked(ch.cti, ch.sub):
+            self._end(ch, _E_REVOKED)  # revoked while the relay waited: no power again
+            return
         ch.st = _ON
         ch.since = self._ms
         ch.over = 0
@@ -447,6 +454,11 @@ class Outlet:
             return self._refuse(wire.OUT_OF_SCOPE if why == "no such outlet" else wire.UNAVAILABLE, c, index, why)
         if self._clock.floor() >= c[wire.CLAIM_EXP]:
             return self._refuse(wire.EXPIRED, c, index, "past exp")
+        now = self._clock.now()
+        nbf = c.get(wire.CLAIM_NBF)
+        if now is not None and nbf is not None and now < nbf:
+            # the checker's leeway is for clock skew; power flows from nbf
+            return self._refuse(wire.NOT_YET_VALID, c, index, "before nbf")
         lim = c.get(wire.CLAIM_LIMITS) or {}
         wh = lim.get(wire.LIMIT_WH)
         many = c.get(wire.CLAIM_USES, wire.USES_SINGLE) == wire.USES_MANY
@@ -572,7 +584,7 @@ class Outlet:
         scope = c.get(wire.CLAIM_SCOPE)
         todo = [ch for ch in self._ch if ch.st == _LATCHED and (index is None or ch.i == index) and (scope is None or ch.i in scope)]
         if not todo:
-            return wire.OK, "nothing to clear"
+            return self._refuse(wire.UNAVAILABLE, c, index, "nothing to clear")  # not used up
         self._permits.consume(c)
         for ch in todo:
             self._clear(ch, "service")

@@ -244,7 +244,7 @@ def test_an_overload_trips_after_the_hold_retries_then_latches(outlet):
     outlet.sync(START + 60)
     assert outlet("state")["outlets"][0]["st"] == "latched"
     assert outlet("present", permit(START + 60), None) == [wire.UNAVAILABLE, "latched"]
-    assert outlet("present", permit(START + 60, action="service", scope=[1]), None) == [wire.OK, "nothing to clear"]
+    assert outlet("present", permit(START + 60, action="service", scope=[1]), None) == [wire.UNAVAILABLE, "nothing to clear"]
     assert outlet("present", permit(START + 60, action="service"), None) == [wire.OK, "cleared 0"]
     outlet("set_load", 0, 2000)
     assert outlet("present", permit(START + 60), None) == [wire.OK, "outlet 0"]
@@ -428,3 +428,12 @@ def test_the_app_runs_from_mpy_without_allocating_per_cycle(mp, tmp_path):
     assert res["per_cycle"] < 64, res
     # the app's own heap: its state, and its bytecode as loaded from .mpy
     assert res["state"] < 4096 and res["code"] < 14 * 1024, res
+
+
+def test_power_flows_from_nbf_not_from_the_checkers_leeway(outlet):
+    outlet.sync()
+    early = permit(not_before=START + 30, issued_at=START - 60)  # inside the checker's 60 s leeway
+    assert outlet("present", early, None) == [wire.NOT_YET_VALID, "before nbf"]
+    assert outlet("state")["outlets"][0]["relay"] is False
+    outlet("advance", 30_000)
+    assert outlet("present", early, None) == [wire.OK, "outlet 0"]  # refused before: not used up
