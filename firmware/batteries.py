@@ -77,9 +77,11 @@ class Registry:
         self.buf = bytearray(n * _ENTRY)
         self._path = root + _FILE
         self.lost = False
+        self.new = False
         try:
             f = open(self._path, "rb")
         except OSError:
+            self.new = True
             return  # a new station
         try:
             with f:

@@ -14,11 +14,13 @@
 # door, voltage, current, temperature and step the state machine. A fault
 # latches (outputs off, an alarm) on: a sensor read that fails (OSError:
 # open, short), temperature >= over_temp_dc, voltage >= over_voltage_mv or
-# current >= over_current_ma (charging or ready), more than
-# charge_timeout_s with the charger on, over _STUCK_MA with the charger off
-# (a welded relay), a battery gone with no door opened for it, one that
-# appears in a locked empty slot, one that gives no id at boot, and any
-# other I/O error of the slot (expander, bus): that slot latches, the
+# |current| >= over_current_ma (charge or discharge; charging or ready),
+# more than charge_timeout_s with the charger on, over _STUCK_MA with the
+# charger off or paused (a welded relay), a battery gone with no door
+# opened for it, one that appears in a locked empty slot (or, at boot, one
+# the registry does not have in that slot), one that gives no id at boot
+# (unless the registry has one in that slot: a read that failed once), and
+# any other I/O error of the slot (expander, bus): that slot latches, the
 # others run on. Below under_temp_dc charging pauses (no latch) until the
 # battery is _COLD_HYST_DC warmer. Full: current under _TERM_MA for
 # _DONE_MS with the charger on (the charger tapers at CV by itself); then
@@ -54,7 +56,20 @@
 # rented at one station is returned at another.
 #
 # Service permit: clears the latched faults in its scope (every slot
-# without one); when the scope is one slot, opens its door too.
+# without one); when the scope is one slot, opens its door too. The
+# server's unlock of a faulted slot does not: it returns to its fault when
+# the door closes or times out (clear_fault clears). Clearing reads the
+# pack first: still unsafe, it latches again before the charger is on. A
+# disabled slot stays disabled through a cleared fault and is never rented.
+#
+# Boot: a slot whose door stands open is open (purpose unknown, charger
+# off) until it closes; a battery that came while the board was down is
+# not taken in unchecked (the insertion rules when its door closes, or
+# unexpected_battery, then BatteryIn when the fault is cleared).
+#
+# Permits: present(token, index) from a reader fixed at one slot acts on
+# that slot only; rent and return permits are refused from their exp on
+# (the checker's leeway is for clock skew).
 #
 # Readings: every reading_s, LOG_SLOT_READING [slot, mV, mA, 0.1 degC] for
 # each slot whose battery is charging, ready or reserved, encoded into a
@@ -129,7 +144,8 @@ _BAT = const(64)  # registry index + 1 of the battery held (0: none)
 _GONE = const(80)  # the same, of the battery taken out while open
 _SOC0 = const(96)  # SoC % when charging started (255: unknown)
 _DIS = const(112)  # disabled
-_NB = const(128)
+_LAT = const(128)  # open: the fault cause still latched (the server's unlock of a faulted slot)
+_NB = const(144)
 # flags
 _OPENED = const(1)
 _LEFT = const(2)
@@ -313,10 +329,10 @@ class Station:
             return self._fault(i, _C_OVER_VOLTAGE, x)
         x = v[_RMA]
         v[_MA + i] = x
-        if x >= self._lim[_OC]:
+        if x >= self._lim[_OC] or -x >= self._lim[_OC]:  # a discharge too
             return self._fault(i, _C_OVER_CURRENT, x)
-        if x > _STUCK_MA and self._b[i] != _CHARGING:
-            return self._fault(i, _C_STUCK, x)
+        if x > _STUCK_MA and (self._b[i] != _CHARGING or self._b[_F + i] & _COLD):
+            return self._fault(i, _C_STUCK, x)  # the charger is off (or paused): a welded relay
         return True
 
     def _charge(self, i, s):
@@ -440,6 +456,10 @@ class Station:
 
     def _start(self, i, cause, detail=None):
         """Charge the (registered) battery slot i holds, a new session."""
+        if self._b[_DIS + i]:
+            self._slots[i].charger.off()
+            self._set(i, _DISABLED, cause, detail)  # never charged while disabled
+            return
         v = self._v
         v[_CHG + i] = v[_HOLD + i] = v[_ACC + i] = v[_SMWH + i] = 0
         soc = self.reg.soc(self._b[_BAT + i] - 1)
@@ -471,6 +491,7 @@ class Station:
         b = self._b
         if b[i] != _OPEN:
             b[_BACK + i] = b[i]
+            b[_LAT + i] = b[_WHY + i] if b[i] == _FAULT else 0  # a service permit clears it (_service)
         self._who[i] = c
         b[_WHY + i] = purpose
         b[_F + i] = b[_GONE + i] = 0
@@ -485,6 +506,17 @@ class Station:
         what the slot now holds."""
         s.lock.off()
         b = self._b
+        if b[i] == _OPEN and b[_LAT + i]:
+            # the server's unlock of a latched slot: latched still (only a
+            # service permit or clear_fault clears it)
+            if b[_BAT + i] and not s.presence.value():
+                self._out(i)  # taken between two cycles
+            b[_WHY + i] = b[_LAT + i]
+            b[_LAT + i] = 0
+            s.charger.off()
+            self._set(i, _FAULT, b[_WHY + i])
+            self._latches()
+            return
         if cause == _C_DOOR_TIMEOUT and b[_WHY + i] == _C_EJECT and s.presence.value():
             self._fault(i, _C_NOT_REMOVED, None)
             return
@@ -500,7 +532,9 @@ class Station:
                 return
         elif b[_BAT + i]:
             self._out(i)  # taken between two cycles
-        if not b[_BAT + i]:
+        if b[_DIS + i]:
+            self._set(i, _DISABLED, cause, detail)  # a fault cleared on a disabled slot
+        elif not b[_BAT + i]:
             self._set(i, _EMPTY, cause, detail)
         elif b[_BACK + i] == _READY or b[_BACK + i] == _RESERVED:
             self._set(i, _RESERVED if self._r[i] else _READY, cause, detail)
@@ -557,24 +591,32 @@ class Station:
 
     # ------------------------------------------------------------ permits
 
-    def present(self, token):
+    def present(self, token, index=None):
         """A permit handed over locally: (reason, detail); detail, for the
-        console's answer, names the slot(s) acted on: "slot 2", "slots 1 3"."""
-        reason, c = self._permits.check(token, None, None)
+        console's answer, names the slot(s) acted on: "slot 2", "slots 1 3".
+        index: the slot of a reader fixed at one slot (None: the board
+        picks within the permit's scope)."""
+        reason, c = self._permits.check(token, None, index)
         if reason != wire.OK:
             return reason, None
         act = c[wire.CLAIM_ACTION]
         scope = c.get(wire.CLAIM_SCOPE)
+        if index is not None:
+            if not 0 <= index < self.n:
+                return wire.OUT_OF_SCOPE, None
+            scope = [index]  # in the permit's scope (check): that slot only
         if act == wire.ACTION_SERVICE:
             return self._service(c, scope)
         if act != wire.ACTION_RENT and act != wire.ACTION_RETURN:
             return wire.WRONG_ACTION, None
+        if self._clock.floor() >= c[wire.CLAIM_EXP]:
+            return wire.EXPIRED, None  # the checker's leeway is for clock skew, not for use
         best = -1
         score = -1
         user = _ukey(c.get(wire.CLAIM_SUB))
         for i in range(self.n):
             st = self._b[i]
-            if scope is not None and i not in scope:
+            if (scope is not None and i not in scope) or self._b[_DIS + i]:
                 continue
             if act == wire.ACTION_RETURN:
                 if st == _EMPTY:
@@ -608,6 +650,7 @@ class Station:
                 self.clear(i, c)
         if one >= 0:
             self._unlock(one, _C_SERVICE, c)
+            self._b[_LAT + one] = 0  # the permit clears the latch
             self._latches()
             if one not in done:
                 done.append(one)
@@ -619,11 +662,21 @@ class Station:
         """Clear slot i's latched fault (a service permit c, or the server)."""
         if self._b[i] != _FAULT:
             return NO_SLOT, None
+        s = self._slots[i]
+        if s.presence.value():
+            # read the pack before the charger can switch on: still hot (or
+            # a sensor still failing) latches again at once
+            if not self._sense(s):
+                self._fault(i, self._w, None)
+                return wire.OK, i
+            if not self._safe(i):
+                return wire.OK, i
         self._who[i] = c
+        self._b[_LAT + i] = 0
         self._b[_WHY + i] = _C_SERVICE
         self._b[_BACK + i] = _FAULT
         self._b[i] = _OPEN  # not latched while it settles
-        self._closed(i, self._slots[i], _C_CLEARED)
+        self._closed(i, s, _C_CLEARED)
         self._latches()
         return wire.OK, i
 
@@ -679,6 +732,9 @@ class Station:
             s.charger.off()
             s.lock.off()
             self._b[_DIS + i] = 1
+            if st == _OPEN and self._b[_LAT + i]:
+                self._b[_WHY + i] = self._b[_LAT + i]  # the latch outlives the disable
+                self._b[_LAT + i] = 0
             self._set(i, _DISABLED, _C_DISABLED)
             self._latches()
         elif name == "enable" and self._b[_DIS + i]:
@@ -761,29 +817,45 @@ class Station:
         ids = [_ident(s) if s.presence.value() else None for s in self._slots]
         for k in range(reg.n):
             i = reg.slot(k)
-            if i >= 0 and (i >= self.n or ids[i] != reg.id(k)):
+            if 0 <= i < self.n and ids[i] is None and self._slots[i].presence.value():
+                b[_BAT + i] = k + 1  # still there, its id not read this once: unchanged (as _closed)
+            elif i >= 0 and (i >= self.n or ids[i] != reg.id(k)):
                 # left while the board was down (a power cut during a rent):
                 # BatteryOut now, without the permit the lost RAM knew
                 if i < self.n:
                     b[_BAT + i] = k + 1
                     self._out(i)
                 reg.seen(k, None, None, -1, self._clock.floor())
+        learn = reg.new or reg.lost  # a new (or relearning) registry takes what the slots hold
         for i in range(self.n):
             s = self._slots[i]
             bid = ids[i]
-            if bid is not None and 0 < len(bid) <= ID_MAX:
-                st = _bms(s)
+            k = -1 if bid is None or not 0 < len(bid) <= ID_MAX else reg.find(bid)
+            if k < 0 and bid is not None and learn and 0 < len(bid) <= ID_MAX:
                 k = reg.add(bid, self._clock.floor())
+            if k >= 0 and (learn or reg.slot(k) == i):  # not one that came while the board was down
+                st = _bms(s)
                 reg.seen(k, st.get("soc"), st.get("soh"), i, self._clock.floor())
                 b[_BAT + i] = k + 1
             if b[_DIS + i]:
                 self._set(i, _DISABLED, _C_BOOT)
             elif b[_WHY + i]:
                 self._set(i, _FAULT, b[_WHY + i])
+            elif s.door.value():
+                # open through the reboot: purpose unknown, charger off;
+                # _closed decides what the slot holds when it closes
+                s.charger.off()
+                b[_BACK + i] = _EMPTY
+                b[_F + i] = _OPENED  # seen open: the left-open alarm in _DOOR_ALARM_MS
+                self._v[_T + i] = self._hw.ticks_add(self._now, _DOOR_ALARM_MS)
+                self._set(i, _OPEN, _C_BOOT)
             elif b[_BAT + i]:
                 self._start(i, _C_BOOT)
             elif s.presence.value():
-                self._fault(i, _C_UNREADABLE, None)
+                # no id; or one the registry does not have here (a return
+                # cut short, a battery pushed in): taken in only when the
+                # fault is cleared (BatteryIn then)
+                self._fault(i, _C_UNREADABLE if ids[i] is None or not 0 < len(ids[i]) <= ID_MAX else _C_UNEXPECTED, None)
             else:
                 self._set(i, _EMPTY, _C_BOOT)
         reg.save()
@@ -794,7 +866,10 @@ class Station:
         raw = bytearray(self.n * _LATCH)
         for i in range(self.n):
             o = i * _LATCH
-            raw[o] = b[_WHY + i] if b[i] == _FAULT or (b[_DIS + i] and b[_WHY + i] >= _C_OVER_TEMP) else 0
+            if b[i] == _OPEN:
+                raw[o] = b[_LAT + i]  # a latched slot open for the server's unlock stays latched
+            elif b[i] == _FAULT or (b[_DIS + i] and b[_WHY + i] >= _C_OVER_TEMP):
+                raw[o] = b[_WHY + i]
             raw[o + 1] = b[_DIS + i]
             put(raw, o + 2, self._r[i], 4)
             put(raw, o + 6, self._r[_MAX + i], 4)

@@ -48,14 +48,19 @@ class Station:
     def call(self, fn, *args):
         return self.w.call("station_checks", fn, self.name, *args)
 
-    def permit(self, action, user="u1", scope=None, single_use=True, battery=None):
-        c = permits.build_claims(**claims(self.device, action, user), scope=scope, single_use=single_use)
+    def permit(self, action, user="u1", scope=None, single_use=True, battery=None, expires=None):
+        cl = claims(self.device, action, user)
+        if expires is not None:
+            cl["expires"] = expires
+        c = permits.build_claims(**cl, scope=scope, single_use=single_use)
         if battery is not None:
             c[CLAIM_BATTERY] = bytes.fromhex(battery)
         return c, permits.mac_claims(c, self.key, 1).hex()
 
-    def present(self, token):
-        return self.call("present", token)
+    def present(self, token, index=None):
+        if index is None:
+            return self.call("present", token)
+        return self.call("present", token, index)
 
     def step(self, seconds, until=None):
         return self.call("step", seconds, until)
@@ -171,6 +176,29 @@ def test_a_charge_that_runs_too_long_is_stopped(station):
     assert st.records(wire.LOG_ALARM)[-1][:2] == ["charge_timeout", 0]
 
 
+def test_a_welded_charger_during_the_cold_pause_latches_charger_stuck(station):
+    st = station(batteries=[["0b000000000000c001", 0.5, 100, 0], None, None, None])
+    st.call("set_temperature", 0, -50)
+    st.step(2)
+    assert st.slot(0)["state"] == "charging" and not st.slot(0)["charger"]  # paused
+    st.call("fault", 0, "charger", "stuck")  # the relay welds: current flows with the charger off
+    st.step(2)
+    s = st.slot(0)
+    assert s["state"] == "fault" and s["cause"] == "charger_stuck" and not s["charger"] and not s["lock"]
+    alarm = st.records(wire.LOG_ALARM)[-1]
+    assert alarm[:2] == ["charger_stuck", 0] and alarm[2] > 500
+
+
+def test_a_discharge_over_the_current_limit_latches_over_current(station):
+    st = station(batteries=[FULL_A, None, None, None])
+    st.step(15, [0, "ready"])
+    st.call("set_current", 0, -9000)  # a short across the pack: 9 A out of it
+    st.step(1)
+    s = st.slot(0)
+    assert s["state"] == "fault" and s["cause"] == "over_current" and not s["charger"]
+    assert st.records(wire.LOG_ALARM)[-1] == ["over_current", 0, -9000]
+
+
 # ---------------------------------------------------------------- rent and return
 
 
@@ -243,8 +271,11 @@ def test_a_battery_taken_while_the_power_was_out_is_logged_out_at_boot(station):
     st.call("open_door", 0)
     st.call("take", 0)  # before the board sees it: the power fails
     st.call("reboot", True)
-    assert states(st) == ["empty", "charging", "empty", "empty"]
+    assert states(st) == ["open", "charging", "empty", "empty"]  # the door still stands open
     assert st.records(wire.LOG_BATTERY_OUT) == [[0, FULL_A[0], 100, 97, None, None, 0, 0, 250, 250]]
+    st.call("close_door", 0)
+    st.step(1)
+    assert states(st) == ["empty", "charging", "empty", "empty"]
     assert [r[8] for r in st.call("batteries")] == [None, 1]  # the registry: not in a slot, in slot 1
     st.call("reboot", False)
     assert len(st.records(wire.LOG_BATTERY_OUT)) == 1  # once
@@ -342,6 +373,97 @@ def test_reservations_are_honoured_and_expire(station):
     assert st.slot(0)["state"] == "ready"
     assert [0, "ready", "reservation_ended"] in st.records(wire.LOG_STATE)
     assert st.call("command", "reserve", {"slot": 2, "user": "u2", "until": START + 999}) == ["unavailable", None]  # empty
+
+
+def test_a_reader_fixed_at_one_slot_presents_with_its_index(station):
+    st = station(batteries=[FULL_A, FULL_B, None, None])
+    st.step(15, [1, "ready"])
+    assert st.present(st.permit("rent")[1], 2) == ["unavailable", None]  # slot 2 is empty
+    assert st.present(st.permit("rent", scope=[0])[1], 1) == ["out_of_scope", None]
+    assert st.present(st.permit("rent")[1], 9) == ["out_of_scope", None]
+    assert st.present(st.permit("rent")[1], 1) == ["ok", "slot 1"]  # slot 0 holds more, but the reader is at 1
+    assert st.present(st.permit("return")[1], 3) == ["ok", "slot 3"]  # not the first empty slot (2)
+    assert states(st) == ["ready", "open", "empty", "open"]
+
+
+def test_a_permit_past_its_exp_is_refused_within_the_checkers_leeway(station):
+    st = station(batteries=[FULL_A, None, None, None])
+    st.step(20)
+    assert states(st) == ["ready", "empty", "empty", "empty"]
+    c, tok = st.permit("rent", expires=START + 10)  # 10 s past exp: within the 60 s clock-skew leeway
+    assert st.present(tok) == ["expired", None]
+    assert st.present(st.permit("return", expires=START + 19)[1]) == ["expired", None]
+    assert states(st) == ["ready", "empty", "empty", "empty"]
+    assert st.present(tok) == ["expired", None]  # not used up
+    assert st.present(st.permit("rent", expires=START + 60)[1]) == ["ok", "slot 0"]
+
+
+def test_a_door_open_through_a_reboot_leaves_the_slot_open_with_the_charger_off(station):
+    st = station(batteries=[FULL_A, None, None, None])
+    st.step(15, [0, "ready"])
+    assert rent(st)[:2] == ("ok", "slot 0")
+    st.call("open_door", 0)
+    st.call("reboot", True)  # the power fails with the door open, the battery still in
+    s = st.slot(0)
+    assert s["state"] == "open" and not s["charger"] and not s["lock"]
+    assert st.records(wire.LOG_STATE)[-4] == [0, "open", "boot"]
+    st.step(5)
+    assert st.slot(0)["state"] == "open" and not st.slot(0)["charger"]
+    st.call("close_door", 0)  # closed on the battery: it charges (whether it is full is not known)
+    st.step(1)
+    assert st.slot(0)["state"] == "charging" and st.slot(0)["charger"]
+    assert st.records(wire.LOG_BATTERY_OUT) == [] and st.records(wire.LOG_BATTERY_IN) == []
+    st.call("force_door", 0, True)
+    st.call("reboot", True)
+    assert st.slot(0)["state"] == "open" and not st.slot(0)["charger"]
+    st.call("take", 0)
+    st.step(1)
+    assert st.records(wire.LOG_BATTERY_OUT)[-1][:2] == [0, FULL_A[0]]
+    st.call("close_door", 0)
+    st.step(1)
+    assert st.slot(0)["state"] == "empty" and st.records(wire.LOG_STATE)[-1] == [0, "empty", "door_closed"]
+
+
+def test_an_id_read_failing_once_at_boot_is_not_a_battery_out(station):
+    st = station(batteries=[FULL_A, None, None, None])
+    st.step(15, [0, "ready"])
+    st.call("fault", 0, "identity", "noid")  # the pack is there, but does not answer this once
+    st.call("reboot", True)
+    s = st.slot(0)
+    assert s["state"] == "charging" and s["battery"] == FULL_A[0]
+    assert st.records(wire.LOG_BATTERY_OUT) == [] and st.records(wire.LOG_ALARM) == []
+    assert [r[8] for r in st.call("batteries")] == [0]  # the registry: still in slot 0
+    st.call("fault", 0, "identity", None)
+    st.step(30, [0, "ready"])
+    assert st.slot(0)["state"] == "ready"
+    assert st.records(wire.LOG_BATTERY_OUT) == [] and st.records(wire.LOG_BATTERY_IN) == []
+
+
+def test_a_battery_that_came_while_the_board_was_down_is_not_taken_in_unchecked(station):
+    st = station(batteries=[FULL_A, None, None, None])
+    st.step(2)
+    # pushed into an empty slot (the door forced) while the board was down
+    st.call("insert", 2, "0b0000000000005555", 0.5, 100, 0)
+    # a return cut short by a power cut: the door still open on the battery
+    assert st.present(st.permit("return", scope=[1])[1]) == ["ok", "slot 1"]
+    st.call("open_door", 1)
+    st.step(1)
+    st.call("insert", 1, "0b0000000000006666", 0.4, 100, 0)
+    st.call("reboot", True)
+    assert states(st) == ["charging", "open", "fault", "empty"]
+    assert st.slot(2)["cause"] == "unexpected_battery" and not st.slot(2)["charger"]
+    assert st.records(wire.LOG_ALARM)[-1] == ["unexpected_battery", 2, None]
+    assert st.records(wire.LOG_BATTERY_IN) == [] and not st.slot(1)["charger"]
+    assert [r[0] for r in st.call("batteries")] == [FULL_A[0]]  # not registered unchecked
+    # the return door closes: the insertion rules, without the permit the lost RAM knew
+    st.call("close_door", 1)
+    st.step(1)
+    assert st.records(wire.LOG_ALARM)[-1] == ["refused_battery", 1, "unknown", "0b0000000000006666"]
+    assert st.slot(1)["cause"] == "eject"
+    # the server clears slot 2: the battery is taken in, with a BatteryIn
+    assert st.call("command", "clear_fault", {"slot": 2}) == ["ok", 2]
+    assert st.slot(2)["state"] == "charging" and st.slot(2)["battery"] == "0b0000000000005555"
+    assert st.records(wire.LOG_BATTERY_IN)[-1][:4] == [2, "0b0000000000005555", 50, 100]
 
 
 # ---------------------------------------------------------------- refused batteries
@@ -444,29 +566,31 @@ def test_over_temperature_during_charge_latches_until_a_service_permit(station):
     alarm = st.records(wire.LOG_ALARM)[-1]
     assert alarm[:2] == ["over_temp", 3] and alarm[2] >= 550
     assert states(st)[:2] == ["charging", "charging"]  # the other slots charge on
-    # latched: through power cuts (one where slot 1's pack does not answer
-    # at boot, which latches slot 1 too), and with the pack cooled down
-    st.call("fault", 1, "identity", "noid")
+    # latched: through power cuts (one during which a pack that does not
+    # answer is pushed into empty slot 2, which latches slot 2 too), and
+    # with the pack cooled down
+    st.call("insert", 2, "0b00000000a1c999", 0.5, 100, 0)
+    st.call("fault", 2, "identity", "noid")
     st.call("reboot", True)
-    assert [s["cause"] for s in st.slots()] == [None, "unreadable", None, "over_temp"]
+    assert [s["cause"] for s in st.slots()] == [None, None, "unreadable", "over_temp"]
     st.call("reboot", True)
-    assert states(st) == ["charging", "fault", "empty", "fault"] and not st.slot(3)["charger"]
+    assert states(st) == ["charging", "charging", "fault", "fault"] and not st.slot(3)["charger"]
     st.call("fault", 3, "battery", None)
-    st.call("fault", 1, "identity", None)
+    st.call("fault", 2, "identity", None)
     st.step(900)
     assert st.call("battery", 3)["temp_dc"] < 400
-    assert states(st) == ["charging", "fault", "empty", "fault"]
+    assert states(st) == ["charging", "charging", "fault", "fault"]
     # cleared by a technician's service permit (scope: two slots, so no door opens)
-    c, tok = st.permit("service", "tech-1", scope=[1, 3])
-    assert st.present(tok) == ["ok", "slots 1 3"]
+    c, tok = st.permit("service", "tech-1", scope=[2, 3])
+    assert st.present(tok) == ["ok", "slots 2 3"]
     s = st.slot(3)
     assert s["state"] == "charging" and s["charger"] and not s["lock"]
     cti = c[wire.CLAIM_CTI].hex()
     assert st.records(wire.LOG_STATE)[-1] == [3, "charging", "cleared", cti]
-    # slot 1's pack answers now: taken in on the technician's word
-    assert st.records(wire.LOG_BATTERY_IN)[-1][:6] == [1, "0b00000000a1c3f1", 92, 100, "tech-1", cti]
+    # slot 2's pack answers now: taken in on the technician's word
+    assert st.records(wire.LOG_BATTERY_IN)[-1][:6] == [2, "0b00000000a1c999", 50, 100, "tech-1", cti]
     st.step(5)
-    assert states(st) == ["charging", "charging", "empty", "charging"]
+    assert states(st) == ["charging", "charging", "charging", "charging"]
 
 
 def test_clearing_while_the_battery_is_still_hot_faults_again(station):
@@ -479,6 +603,60 @@ def test_clearing_while_the_battery_is_still_hot_faults_again(station):
     assert st.call("command", "clear_fault", {"slot": 1}) == ["unavailable", None]  # nothing latched
     assert st.call("command", "clear_fault", 9) == ["malformed", None]
     assert st.call("command", "reboot", 0) == ["wrong_action", None]
+
+
+def test_clearing_reads_the_pack_before_the_charger_switches_on(station):
+    st = station()
+    st.call("fault", 0, "battery", "hot")
+    st.step(1)
+    st.call("fault", 0, "battery", None)  # the overheating ends; the pack is still hot
+    n = len(st.records(wire.LOG_STATE))
+    assert st.call("command", "clear_fault", {"slot": 0}) == ["ok", 0]
+    s = st.slot(0)  # no control cycle yet
+    assert s["state"] == "fault" and s["cause"] == "over_temp" and not s["charger"]
+    assert [r[1:3] for r in st.records(wire.LOG_STATE)[n:]] == [["fault", "over_temp"]]
+    assert st.records(wire.LOG_ALARM)[-1][:2] == ["over_temp", 0]
+
+
+def test_the_servers_unlock_keeps_a_latched_fault(station):
+    st = station(batteries=[FULL_A, None, None, None])
+    st.call("fault", 0, "battery", "hot")
+    st.step(1)
+    st.call("fault", 0, "battery", None)
+    assert st.slot(0)["cause"] == "over_temp"
+    assert st.call("command", "unlock", {"slot": 0}) == ["ok", 0]
+    assert st.slot(0)["state"] == "open" and st.slot(0)["cause"] == "service"
+    st.call("reboot", False)  # latched through a reboot while open
+    assert st.slot(0)["state"] == "fault" and st.slot(0)["cause"] == "over_temp"
+    # not opened in time: back to the fault, the charger off
+    assert st.call("command", "unlock", {"slot": 0}) == ["ok", 0]
+    st.step(31)
+    s = st.slot(0)
+    assert s["state"] == "fault" and s["cause"] == "over_temp" and not s["charger"] and not s["lock"]
+    # opened and closed on the pack: the same
+    assert st.call("command", "unlock", {"slot": 0}) == ["ok", 0]
+    assert st.call("open_door", 0)
+    st.step(1)
+    st.call("close_door", 0)
+    st.step(5)
+    s = st.slot(0)
+    assert s["state"] == "fault" and s["cause"] == "over_temp" and not s["charger"]
+    assert "charging" not in [r[1] for r in st.records(wire.LOG_STATE) if r[0] == 0][1:]
+    st.call("reboot", False)
+    assert st.slot(0)["state"] == "fault" and st.slot(0)["cause"] == "over_temp"
+    # opened and the pack taken out: BatteryOut, and the slot stays latched
+    assert st.call("command", "unlock", {"slot": 0}) == ["ok", 0]
+    assert st.call("open_door", 0)
+    st.step(1)
+    st.call("take", 0)
+    st.step(1)
+    st.call("close_door", 0)
+    st.step(1)
+    assert st.records(wire.LOG_BATTERY_OUT)[-1][:2] == [0, FULL_A[0]]
+    assert st.slot(0)["state"] == "fault" and st.slot(0)["cause"] == "over_temp"
+    # a service permit (or clear_fault) clears it
+    assert st.call("command", "clear_fault", {"slot": 0}) == ["ok", 0]
+    assert st.slot(0)["state"] == "empty"
 
 
 @pytest.mark.parametrize("function, kind, cause", [("temperature", "open", "temperature_sensor"), ("voltage", "short", "voltage_sensor")])
@@ -549,6 +727,22 @@ def test_disabled_slots_are_not_charged_or_rented_and_stay_disabled(station):
     assert st.call("command", "enable", {"slot": 0}) == ["ok", 0]
     st.step(15, [0, "ready"])
     assert st.slot(0)["state"] == "ready"
+
+
+def test_a_disabled_slot_with_a_fault_cleared_stays_disabled(station):
+    st = station(batteries=[FULL_A, None, None, None])
+    assert st.call("command", "disable", {"slot": 0}) == ["ok", 0]
+    st.call("break_input", 0, "door")  # an I/O error on the disabled slot
+    st.step(1)
+    assert st.slot(0)["state"] == "fault" and st.slot(0)["cause"] == "io_error"
+    st.call("fix_input", 0, "door")
+    assert st.call("command", "clear_fault", {"slot": 0}) == ["ok", 0]
+    assert st.slot(0)["state"] == "disabled" and not st.slot(0)["charger"]
+    st.step(30)
+    assert st.slot(0)["state"] == "disabled" and not st.slot(0)["charger"]
+    assert rent(st)[:2] == ("unavailable", None)
+    st.call("reboot", False)
+    assert st.slot(0)["state"] == "disabled"
 
 
 # ---------------------------------------------------------------- the app on the platform

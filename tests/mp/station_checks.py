@@ -135,8 +135,12 @@ def step(name, seconds, until=None):
     return done / 1000
 
 
-def present(name, token_hex):
-    reason, detail = BOARDS[name].st.present(unhexlify(token_hex))
+def present(name, token_hex, index=None):
+    st = BOARDS[name].st
+    if index is None:
+        reason, detail = st.present(unhexlify(token_hex))
+    else:
+        reason, detail = st.present(unhexlify(token_hex), index)
     return [_reason(reason), wire.json_form(detail)]
 
 
@@ -318,3 +322,19 @@ def set_temperature(name, slot, dc):
         b.hw.slots[slot].temperature = sim.make(b.board, b.root, b.world).slots[slot].temperature
     else:
         b.hw.slots[slot].temperature = _Fixed(dc)
+
+
+def set_current(name, slot, ma):
+    """The slot's current sensor reads ma from now on (None: the sim's
+    physics again)."""
+    b = BOARDS[name]
+    if ma is None:
+        b.hw.slots[slot].current = sim.make(b.board, b.root, b.world).slots[slot].current
+    else:
+        b.hw.slots[slot].current = _Fixed(ma)
+
+
+def fix_input(name, slot, which):
+    """The slot's input (presence, door) answers again (break_input undone)."""
+    b = BOARDS[name]
+    setattr(b.hw.slots[slot], which, getattr(sim.make(b.board, b.root, b.world).slots[slot], which))
