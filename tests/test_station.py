@@ -153,15 +153,15 @@ def test_charge_runs_to_full_and_the_slot_becomes_ready(station):
 
 def test_charging_pauses_while_the_battery_is_too_cold(station):
     st = station(batteries=[["0b000000000000c001", 0.5, 100, 0], None, None, None])
-    st.call("set_temperature", 0, -50)  # -5 degC: under under_temp_dc (0)
+    st.call("set_sensor", "temperature", 0, -50)  # -5 degC: under under_temp_dc (0)
     st.step(2)
     s = st.slot(0)
     assert s["state"] == "charging" and not s["charger"]
     assert st.records(wire.LOG_STATE)[-1] == [0, "charging", "too_cold", -50]
-    st.call("set_temperature", 0, 10)  # 1 degC: not yet 2 degC above the limit
+    st.call("set_sensor", "temperature", 0, 10)  # 1 degC: not yet 2 degC above the limit
     st.step(2)
     assert not st.slot(0)["charger"]
-    st.call("set_temperature", 0, None)  # the pack's own 25 degC
+    st.call("set_sensor", "temperature", 0, None)  # the pack's own 25 degC
     st.step(2)
     assert st.slot(0)["charger"] and st.records(wire.LOG_STATE)[-1] == [0, "charging", "warm", 250]
     assert [r[:2] for r in st.records(wire.LOG_ALARM)] == []  # a pause, not a fault
@@ -178,7 +178,7 @@ def test_a_charge_that_runs_too_long_is_stopped(station):
 
 def test_a_welded_charger_during_the_cold_pause_latches_charger_stuck(station):
     st = station(batteries=[["0b000000000000c001", 0.5, 100, 0], None, None, None])
-    st.call("set_temperature", 0, -50)
+    st.call("set_sensor", "temperature", 0, -50)
     st.step(2)
     assert st.slot(0)["state"] == "charging" and not st.slot(0)["charger"]  # paused
     st.call("fault", 0, "charger", "stuck")  # the relay welds: current flows with the charger off
@@ -192,7 +192,7 @@ def test_a_welded_charger_during_the_cold_pause_latches_charger_stuck(station):
 def test_a_discharge_over_the_current_limit_latches_over_current(station):
     st = station(batteries=[FULL_A, None, None, None])
     st.step(15, [0, "ready"])
-    st.call("set_current", 0, -9000)  # a short across the pack: 9 A out of it
+    st.call("set_sensor", "current", 0, -9000)  # a short across the pack: 9 A out of it
     st.step(1)
     s = st.slot(0)
     assert s["state"] == "fault" and s["cause"] == "over_current" and not s["charger"]

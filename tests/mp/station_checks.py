@@ -314,24 +314,15 @@ class _Fixed:
         return self.v
 
 
-def set_temperature(name, slot, dc):
-    """The slot's temperature sensor reads dc from now on (None: the sim's
-    physics again)."""
+def set_sensor(name, which, slot, value):
+    """The slot's sensor ("temperature", "current", "voltage") reads value
+    from now on (None: the sim's physics again)."""
     b = BOARDS[name]
-    if dc is None:
-        b.hw.slots[slot].temperature = sim.make(b.board, b.root, b.world).slots[slot].temperature
+    if value is None:
+        value_src = getattr(sim.make(b.board, b.root, b.world).slots[slot], which)
     else:
-        b.hw.slots[slot].temperature = _Fixed(dc)
-
-
-def set_current(name, slot, ma):
-    """The slot's current sensor reads ma from now on (None: the sim's
-    physics again)."""
-    b = BOARDS[name]
-    if ma is None:
-        b.hw.slots[slot].current = sim.make(b.board, b.root, b.world).slots[slot].current
-    else:
-        b.hw.slots[slot].current = _Fixed(ma)
+        value_src = _Fixed(value)
+    setattr(b.hw.slots[slot], which, value_src)
 
 
 def fix_input(name, slot, which):
