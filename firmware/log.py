@@ -395,7 +395,7 @@ class Log:
 
     def append(self, rtype, body, ts):
         """Store a record; return its seq once it is durable. body: bytes-like
-        CBOR as it is (e.g. from cbor.encode_into a reused buffer: no
+        CBOR as it is (e.g. encoded into a reused buffer: no
         allocation), or any other value, which is encoded with cbor.dumps.
         ts: Unix seconds (u32)."""
         if not isinstance(body, _BYTESLIKE):

@@ -170,11 +170,6 @@ def _first(pair):
     return pair[0]
 
 
-def encode_into(out, obj):
-    """Append the encoding of obj to a bytearray."""
-    _enc(out, obj, MAX_DEPTH)
-
-
 def dumps(obj):
     out = bytearray()
     _enc(out, obj, MAX_DEPTH)
@@ -224,7 +219,7 @@ def _fail(msg, *args):
 class Decoder:
     """Reads CBOR items from a buffer, one after the other.
 
-    item() decodes one whole item; head() and take() let a caller walk a
+    item() decodes one whole item; _head() and take() let a caller walk a
     structure itself and keep raw byte slices (the COSE verifier needs the
     exact bytes it MACs)."""
 
@@ -241,20 +236,13 @@ class Decoder:
         self.end = len(self.mv)
         self.max_depth = max_depth
 
-    def remaining(self):
-        return self.end - self.pos
-
     def _need(self, n):
         if n > self.end - self.pos:
             _fail("truncated: need %d bytes at offset %d, %d left", n, self.pos, self.end - self.pos)
 
-    def head(self):
-        """Read one head; return (major type, argument)."""
-        n = self._head()
-        return self.major, n
-
     def _head(self):
-        # head() without the tuple: the major type is left in self.major
+        # one head: returns the argument, leaves the major type in self.major
+        # (a (major, argument) tuple would be allocated per item)
         p = self.pos
         if p >= self.end:
             self._need(1)

@@ -44,10 +44,6 @@ class HMAC256:
         return self.finish(h)
 
 
-def hmac_sha256(key, msg):
-    return HMAC256(key).mac(msg)
-
-
 def equal(a, b):
     """Compare two MACs in time that depends only on their lengths."""
     return len(a) == len(b) and equal_prefix(a, b)

@@ -5,7 +5,7 @@ import hmac256
 
 
 def mac(key_hex, msg_hex):
-    return hexlify(hmac256.hmac_sha256(unhexlify(key_hex), unhexlify(msg_hex))).decode()
+    return hexlify(hmac256.HMAC256(unhexlify(key_hex)).mac(unhexlify(msg_hex))).decode()
 
 
 def mac_many(pairs):
