@@ -23,10 +23,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from voltgate import tree
+from voltgate import tree, wire
 
 VECTOR_FILE = tree.vectors_dir() / "framing.json"
-MAX_FRAME = tree.load_protocol_module("wire").MAX_FRAME
+MAX_FRAME = wire.MAX_FRAME
 COUNTERS = ("frames", "bad_crc", "bad_cobs", "overflows")
 
 

@@ -5,7 +5,7 @@ In a checkout (editable install) they sit two levels above this package;
 VOLTGATE_TREE overrides that.
 """
 
-import importlib.util
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -39,21 +39,6 @@ def boards_dir() -> Path:
 
 def vectors_dir() -> Path:
     return protocol_dir() / "vectors"
-
-
-def load_protocol_module(name: str):
-    """Import protocol/<name>.py as `voltgate._protocol_<name>`.
-
-    Only for self-contained modules (no sibling imports), such as wire.py:
-    the board's module names stay off the host's sys.path."""
-    qual = f"voltgate._protocol_{name}"
-    if qual in sys.modules:
-        return sys.modules[qual]
-    spec = importlib.util.spec_from_file_location(qual, protocol_dir() / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[qual] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 BOARD_MODULES = ("wire", "cbor", "hmac256", "permit", "command", "framing")
