@@ -57,6 +57,7 @@ import struct
 from binascii import crc32
 
 import cbor
+import wire
 
 try:
     from micropython import const
@@ -148,6 +149,7 @@ class Log:
         if seg_bytes < _MIN_SEG or max_bytes < 2 * seg_bytes:
             raise ValueError("log needs seg_bytes >= %d and max_bytes >= 2 * seg_bytes" % _MIN_SEG)
         self.epoch = epoch
+        self.on_alarm = None  # fn(seq, ts, body) called after an alarm is stored
         self.dir = root.rstrip("/") + "/log"
         self.seg_bytes = seg_bytes
         self.max_bytes = max_bytes
@@ -406,7 +408,10 @@ class Log:
         if self._f is None or self._segs[-1][_SIZE] + need > self.seg_bytes or self._used + need > self.max_bytes:
             self._make_room(need)
         self._write(rtype, body, ts)
-        return self._index(rtype, need)
+        seq = self._index(rtype, need)
+        if rtype == wire.LOG_ALARM and self.on_alarm is not None:
+            self.on_alarm(seq, ts, body)  # the link sends alarms unasked (link.py)
+        return seq
 
     def _write(self, rtype, body, ts):
         # Kept within 11 words of locals and stack, as the helpers it calls,

@@ -433,6 +433,11 @@ class Outlet:
 
     # -- sessions
 
+    def status(self):
+        """Per outlet: [state, latch cause, mW, mWh register, user, permit
+        id] (state: 0 idle, 1 on, 2 waiting to retry, 3 latched)."""
+        return [[c.st, _CAUSES[c.latch], c.meter.mw, c.meter.mwh, c.sub, c.cti] for c in self._ch]
+
     def present(self, token, index=None):
         """A permit handed over a local channel, for the outlet index (None:
         the board picks within its scope). (reason, detail)."""

@@ -64,6 +64,7 @@ ENV_BODY = const(3)  # any, the message's own fields
 ENV_REASON = const(4)  # uint, reason code of an error reply
 ENV_COUNTER = const(5)  # uint, anti-replay counter of a command
 ENV_NONCE = const(6)  # bytes, the board's fresh nonce a time sync answers
+ENV_EXP = const(7)  # uint, Unix time after which a signed command is stale
 
 # Message types: requests 1-31 (server to board), replies 32-63 (board to
 # server, 32 + request type), unsolicited 64-95 (board to server)
@@ -97,6 +98,7 @@ LOG_ALARM = const(35)
 LOG_CLOCK = const(36)
 LOG_ERROR = const(37)  # an unhandled exception, logged before a reset
 LOG_CONFIG = const(38)
+LOG_COMMAND = const(39)  # a signed command's verdict: [type, reason, counter]
 LOG_BATTERY_OUT = const(64)
 LOG_BATTERY_IN = const(65)
 LOG_SESSION_START = const(66)
