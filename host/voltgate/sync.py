@@ -1,0 +1,158 @@
+"""Pull sync of a board's flash log (DESIGN.md, Readings log; seed 000):
+the server asks for the records after the last one it stores, stores them,
+then acks, so the board may free them.
+
+Storage is idempotent on (device, boot epoch, seq): a repeated batch, a
+retry after a lost reply or a lost ack, or two server processes pulling the
+same board store nothing twice. Seqs missing between what is stored and
+what arrives are reported as gaps, with the board's own count of records it
+thinned when its log was full, so a gap is never silent.
+
+    store = RecordStore("voltgate.sqlite")
+    result = pull(link.Board(transport, "ou-0001", key=k), store)
+    print(result.new, result.gaps)
+
+RecordStore is the minimal SQLite table the links need; the management
+server keeps the same key in its own schema.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import cbor2
+
+from . import messages
+from .link import Board
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS log_records (
+    device TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    type INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (device, epoch, seq)
+);
+CREATE INDEX IF NOT EXISTS log_records_seq ON log_records (device, seq);
+CREATE TABLE IF NOT EXISTS log_gaps (
+    device TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    thinned INTEGER NOT NULL,
+    PRIMARY KEY (device, first_seq)
+);
+"""
+
+
+class RecordStore:
+    """Pulled records in SQLite, each stored once."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add(self, device: str, records: Iterable[messages.Record]) -> int:
+        """Store records; returns how many were new."""
+        rows = [(device, r.epoch, r.seq, r.ts, r.type, cbor2.dumps(r.body)) for r in records]
+        with self._lock, self._db:
+            before = self._db.total_changes
+            self._db.executemany("INSERT OR IGNORE INTO log_records VALUES (?, ?, ?, ?, ?, ?)", rows)
+            return self._db.total_changes - before
+
+    def last_seq(self, device: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM log_records WHERE device = ?", (device,)).fetchone()
+        return row[0] or 0
+
+    def count(self, device: str | None = None) -> int:
+        with self._lock:
+            if device is None:
+                return self._db.execute("SELECT COUNT(*) FROM log_records").fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM log_records WHERE device = ?", (device,)).fetchone()[0]
+
+    def records(self, device: str) -> list[messages.Record]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT epoch, seq, ts, type, body FROM log_records WHERE device = ? ORDER BY seq, epoch", (device,)
+            ).fetchall()
+        return [messages.Record(e, s, t, ty, cbor2.loads(b)) for e, s, t, ty, b in rows]
+
+    def add_gap(self, device: str, first: int, last: int, thinned: int) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR IGNORE INTO log_gaps VALUES (?, ?, ?, ?)", (device, first, last, thinned))
+
+    def gaps(self, device: str) -> list[tuple[int, int]]:
+        with self._lock:
+            return [tuple(r) for r in self._db.execute("SELECT first_seq, last_seq FROM log_gaps WHERE device = ? ORDER BY first_seq", (device,))]
+
+
+@dataclass
+class PullResult:
+    device: str
+    new: int = 0
+    received: int = 0
+    batches: int = 0
+    acked: int = 0
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    restarted: bool = False  # the board's log starts over (its flash was erased)
+
+    @property
+    def duplicates(self) -> int:
+        return self.received - self.new
+
+
+def pull(
+    board: Board,
+    store: RecordStore,
+    *,
+    batch: int = 64,
+    ack: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> PullResult:
+    """Pull every record the board holds after the last one stored, then
+    ack it. progress(last seq stored, board's next seq) after each batch."""
+    res = PullResult(board.device)
+    hello = board.hello()
+    first, last, nxt, acked = hello["log"]
+    thinned = sum(hello["dropped"])
+    have = store.last_seq(board.device)
+    if have + 1 > nxt:
+        # the board's seqs are behind what is stored: its log was erased and
+        # begins again (under a new boot epoch, so nothing collides)
+        res.restarted = True
+        have = 0
+    frm = have + 1
+    while frm < nxt:
+        b = board.get_log(frm, batch)
+        res.batches += 1
+        if not b.records:
+            break
+        expect = frm
+        for r in b.records:
+            if r.seq > expect:  # thinned on the board, or freed by an ack this store never saw
+                res.gaps.append((expect, r.seq - 1))
+                store.add_gap(board.device, expect, r.seq - 1, thinned)
+            expect = r.seq + 1
+        res.received += len(b.records)
+        res.new += store.add(board.device, b.records)
+        frm = b.records[-1].seq + 1
+        nxt = max(nxt, b.next_seq)
+        if progress is not None:
+            progress(frm - 1, nxt)
+    if ack and frm - 1 > acked and frm > 1:
+        res.acked = board.ack(frm - 1)
+    else:
+        res.acked = acked
+    return res
