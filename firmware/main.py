@@ -115,7 +115,7 @@ def run(hw, board, apps=(), extra=None):
         hw.wdt.start(board.get("watchdog_ms", 8000))
         p = System(hw, board)
         sup = Supervisor(hw)
-        built = [make(p) for make in apps]
+        built = [t for t in (make(p) for make in apps) if t is not None]
         if extra is None:
             asyncio.run(_main(p, built, sup))
         else:
@@ -187,6 +187,33 @@ class Console:
         await self._present.console(self._presenter, reader)
 
 
+def parts(kind):
+    """The factories run() builds at boot, in order: the application, the
+    message link (link.py) with the console that carries it on the serial
+    line, and the MQTT link when the store's link settings name a broker.
+    A factory may return None: nothing to run."""
+    made = {}
+
+    def app(p):
+        made["app"] = a = app_for(kind)(p)
+        return a
+
+    def console(p):
+        import link
+
+        made["link"] = link.Link(p, made["app"])
+        return Console(made["app"])
+
+    def mqtt(p):
+        if not p.ident.link.get("host"):
+            return None
+        import mqtt
+
+        return mqtt.MqttLink(p, made["link"], p.ident.link)
+
+    return (app, console, mqtt)
+
+
 def main():
     try:
         hw, board = boot_hw()
@@ -197,14 +224,7 @@ def main():
         import machine
 
         machine.reset()
-    apps = []
-
-    def make_app(p):
-        app = app_for(board["kind"])(p)
-        apps.append(app)
-        return app
-
-    run(hw, board, (make_app, lambda p: Console(apps[0])))
+    run(hw, board, parts(board["kind"]))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,7 @@ class World:
             self.outlets[i].load_w = w
         self.wdt_deadline = None
         self.wdt_fired = False
+        self.speed = 0  # set by realtime(): simulated ms per real ms
         self.rtc = {}  # RTC name -> offset from world seconds to Unix time
 
     def power_cut(self):
@@ -415,12 +416,14 @@ class Hardware:
 
     async def sleep_ms(self, ms):
         # simulated time: wait (yielding to the other tasks) until whoever
-        # drives the world has advanced it by ms; see drive()
+        # drives the world has advanced it by ms; see drive() and realtime()
         import asyncio
 
-        end = self.world.ms + ms
-        while self.world.ms < end:
-            await asyncio.sleep_ms(0)
+        w = self.world
+        end = w.ms + ms
+        while w.ms < end:
+            # driven by realtime(): sleep for real instead of spinning
+            await asyncio.sleep_ms((end - w.ms) // w.speed + 1 if w.speed else 0)
 
     def reset(self):
         self.safe()
@@ -473,6 +476,21 @@ async def drive(world, ms, step_ms=10):
     while world.ms < end:
         world.advance(min(step_ms, end - world.ms), step_ms)
         await asyncio.sleep_ms(0)
+
+
+async def realtime(world, speed=1, step_ms=20):
+    """Advance the world with the real clock, speed times as fast: for a
+    simulated board that real clients (broker, serial line) talk to."""
+    import asyncio
+    import time
+
+    world.speed = speed
+    last = time.ticks_ms()
+    while True:
+        await asyncio.sleep_ms(step_ms)
+        now = time.ticks_ms()
+        world.advance(time.ticks_diff(now, last) * speed)
+        last = now
 
 
 def make(board, root, world=None):

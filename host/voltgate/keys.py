@@ -46,6 +46,17 @@ def derive_device_key(master: bytes, device_id: str, version: int) -> bytes:
     return hmac.new(master, msg, hashlib.sha256).digest()
 
 
+MQTT_LABEL = b"voltgate/mqtt/v1"
+
+
+def mqtt_password(device_key: bytes) -> str:
+    """A board's broker password: derived from its device key (the board
+    computes the same in firmware/mqtt.py), so provisioning stores no second
+    secret and the server can write the broker's password file from the
+    master secret alone. 32 hex digits (128 bits)."""
+    return hmac.new(device_key, MQTT_LABEL, hashlib.sha256).digest()[:16].hex()
+
+
 def kid_for(version: int) -> bytes:
     """The kid of a key version: the version as a minimal big-endian byte string."""
     check_key_version(version)
