@@ -10,6 +10,10 @@ Fixtures:
   mp        one-shot runs: mp.run(script=..., code=..., heapsize=..., compiled=...)
             returns voltgate.mpy.Result (records emitted with vgemit.emit).
   firmware_build   the .mpy tree (voltgate.build) in a session temp folder.
+  broker    a factory: broker(devices=[(site, device, password), ...],
+            server_password="...") starts a private Mosquitto for that
+            registry (voltgate.broker.Broker, on a free loopback port) and
+            returns it; every broker it started is stopped at teardown.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from voltgate import build, mpy, tree
+from voltgate.broker import Broker, BrokerConfig
 
 ROOT = tree.root()
 MP_TESTS = ROOT / "tests" / "mp"
@@ -99,3 +104,17 @@ def mp(firmware_build):
 @pytest.fixture(scope="session")
 def vectors() -> Path:
     return VECTORS
+
+
+@pytest.fixture
+def broker(tmp_path_factory):
+    started: list[Broker] = []
+
+    def start(devices=(), server_password="server-pw", **config) -> Broker:
+        b = Broker(BrokerConfig(tuple(devices), server_password, **config), tmp_path_factory.mktemp("broker"))
+        started.append(b)
+        return b.start()
+
+    yield start
+    for b in started:
+        b.stop()
