@@ -238,6 +238,23 @@ def write_config(directory: str | Path, devices, server_password: str, **kw) -> 
     return config
 
 
+def from_registry(devices, master: bytes, server_password: str, **kw) -> BrokerConfig:
+    """The broker's view of a registry: devices are mappings with "device",
+    "site" and "key_version" (default 1); each board's password is derived
+    from its device key (keys.mqtt_password), so nothing but the master
+    secret is needed to write the password file."""
+    from . import keys
+
+    out = []
+    for d in devices:
+        try:
+            dev, site, ver = d["device"], d["site"], int(d.get("key_version", 1))
+        except (KeyError, TypeError, ValueError):
+            raise VoltgateError(f"bad registry entry {d!r}", 'each needs "device", "site" and optionally "key_version"', EXIT_USAGE) from None
+        out.append(Device(site, dev, keys.mqtt_password(keys.derive_device_key(master, dev, ver))))
+    return BrokerConfig(tuple(out), server_password, **kw)
+
+
 # -- the broker process ----------------------------------------------------
 
 

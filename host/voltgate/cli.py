@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +104,42 @@ def _verdict(errors, warnings) -> str:
     return ", ".join(_count(n, w) for n, w in ((errors, "error"), (warnings, "warning")) if n) or "valid"
 
 
+def cmd_broker_config(args) -> int:
+    import secrets
+
+    from . import broker, keys
+
+    try:
+        registry = json.loads(Path(args.devices).read_text())
+    except FileNotFoundError:
+        raise VoltgateError(f"no device list at {args.devices}", "write a JSON list of {device, site, key_version}", EXIT_USAGE) from None
+    except json.JSONDecodeError as e:
+        raise VoltgateError(f"{args.devices} is not JSON: {e.msg} at line {e.lineno}", None, EXIT_USAGE) from None
+    if not isinstance(registry, list):
+        raise VoltgateError(f"{args.devices} must hold a JSON list", None, EXIT_USAGE)
+    master = keys.load_master(args.keystore)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pw_file = out / "server-password"
+    if args.server_password_file:
+        server_pw = Path(args.server_password_file).read_text().strip()
+    elif pw_file.exists():
+        server_pw = pw_file.read_text().strip()
+    else:
+        server_pw = secrets.token_hex(16)
+        fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(server_pw + "\n")
+    config = broker.from_registry(registry, master, server_pw, host=args.host, port=args.port)
+    conf = config.write(out)
+    if args.json:
+        print(json.dumps({"conf": str(conf), "devices": [d.device for d in config.devices], "server_user": config.server_user}))
+    else:
+        print(f"wrote {conf}, {out / broker.PASSWD} and {out / broker.ACL} for {_count(len(config.devices), 'device')}")
+        print(f"run it with: mosquitto -c {conf}")
+    return EXIT_OK
+
+
 def cmd_version(args) -> int:
     print(f"voltgate {__version__}")
     return EXIT_OK
@@ -177,6 +214,35 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("files", nargs="*", metavar="FILE", help="board files (default: every boards/*.json)")
     b.add_argument("--json", action="store_true", help="print a list of {file, name, kind, chip, hal, slots, outlets, errors, warnings}")
     b.set_defaults(fn=cmd_boards_list, command="boards list")
+
+    p = sub.add_parser(
+        "broker",
+        help="Mosquitto configuration for the boards of a registry",
+        description="Write mosquitto.conf, a password file and an ACL for a list of boards: each board may "
+        "publish only to vg/<site>/<device>/up and .../state and read only .../down; the server user reads every "
+        "up/state and writes every down. Board passwords are derived from the device keys (master secret).",
+        epilog="example:\n  voltgate broker config --devices devices.json --keystore ~/.voltgate/master.key --out broker/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(fn=lambda args, p=p: _usage(p))
+    bsub = p.add_subparsers(dest="broker_command", metavar="SUBCOMMAND")
+    b = bsub.add_parser(
+        "config",
+        help="write mosquitto.conf, passwd and acl for a device list",
+        description="devices.json is a JSON list of {\"device\": id, \"site\": site, \"key_version\": n}. "
+        "The server's password is read from --server-password-file, or from <out>/server-password, or made and "
+        "written there (mode 0600); it is never printed.",
+        epilog="example:\n  voltgate broker config --devices devices.json --keystore master.key --out broker/ --port 1883",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--devices", required=True, help="JSON list of the boards")
+    b.add_argument("--keystore", required=True, help="the master secret file (mode 0600)")
+    b.add_argument("--out", required=True, help="folder for mosquitto.conf, passwd, acl and data/")
+    b.add_argument("--host", default="127.0.0.1", help="listener address (default: %(default)s)")
+    b.add_argument("--port", type=int, default=1883, help="listener port (default: %(default)s)")
+    b.add_argument("--server-password-file", help="file holding the server user's password")
+    b.add_argument("--json", action="store_true", help="print {conf, devices, server_user} as JSON")
+    b.set_defaults(fn=cmd_broker_config, command="broker config")
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
