@@ -78,7 +78,10 @@ class Link:
             r, out = wire.MALFORMED, "bad body"
         if r != wire.OK:
             return _error(rid, r, out)
-        return cbor.dumps({wire.ENV_TYPE: wire.MSG_REPLY + t, wire.ENV_ID: rid, wire.ENV_BODY: out})
+        out = cbor.dumps({wire.ENV_TYPE: wire.MSG_REPLY + t, wire.ENV_ID: rid, wire.ENV_BODY: out})
+        if len(out) > wire.MAX_FRAME:  # every reply fits one serial frame
+            return _error(rid, wire.TOO_LARGE, "reply too large")
+        return out
 
     # -- requests anyone on the link may make
 

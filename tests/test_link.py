@@ -208,6 +208,8 @@ def test_present_over_the_link(board):
 
 def test_ping_echoes_and_unknowns_get_an_error(board):
     assert board.ask(wire.MSG_PING, b"x" * 40) == b"x" * 40
+    big = messages.parse(board.raw(messages.request(wire.MSG_PING, b"x" * wire.MAX_FRAME, rid=2)))
+    assert big.is_error and big.reason == wire.TOO_LARGE and big.id == 2
     for raw in (b"", b"\xff", cbor2.dumps([1, 2]), cbor2.dumps({wire.ENV_TYPE: 31, wire.ENV_ID: 3})):
         r = messages.parse(board.raw(raw))
         assert r.is_error and r.reason == wire.MALFORMED
