@@ -169,28 +169,10 @@ def app_for(kind):
     return Outlet
 
 
-class Console:
-    """The console as a supervised task: permits presented on the serial line
-    (present.py). Built after the application it hands permits to."""
-
-    name = "console"
-    watch_ms = 0  # it waits on input: it has no beat to keep
-
-    def __init__(self, app):
-        import present
-
-        self._present = present
-        self._presenter = present.Presenter(app)
-
-    async def run(self, sup):
-        reader = asyncio.StreamReader(sys.stdin)
-        await self._present.console(self._presenter, reader)
-
-
 def parts(kind):
     """The factories run() builds at boot, in order: the application, the
     message link (link.py) with the console that carries it on the serial
-    line, and the MQTT link when the store's link settings name a broker.
+    line (serlink.py), and the MQTT link when the store's link settings name a broker.
     A factory may return None: nothing to run."""
     made = {}
 
@@ -200,9 +182,10 @@ def parts(kind):
 
     def console(p):
         import link
+        import serlink
 
-        made["link"] = link.Link(p, made["app"])
-        return Console(made["app"])
+        made["link"] = lk = link.Link(p, made["app"])
+        return serlink.Console(lk)
 
     def mqtt(p):
         if not p.ident.link.get("host"):

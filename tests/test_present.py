@@ -48,7 +48,7 @@ def test_console_task_answers_each_line_until_the_stream_closes(mp_worker):
 CONSOLE_BOARD = r"""
 import json, sys
 from binascii import unhexlify
-import main, wire
+import link, main, serlink, wire
 from hal import sim
 from outlet import Outlet
 from vgemit import emit
@@ -70,13 +70,13 @@ def make(p):
 async def drive(p, sup):
     await sim.drive(world, 20000, 50)  # the console reads stdin meanwhile
 
-main.run(hw, board, (make, lambda p: main.Console(apps[0])), extra=drive)
+main.run(hw, board, (make, lambda p: serlink.Console(link.Link(p, apps[0]))), extra=drive)
 emit({"relay": world.outlets[0].relay_on, "pulses": hw.outlets[0].meter.pulses()})
 """
 
 
 def test_a_permit_typed_on_the_console_switches_the_real_outlet_on(mp, tmp_path):
-    """Seed 004's offline path end to end: main's console task, the
+    """Seed 004's offline path end to end: the console task (serlink), the
     presenter and the outlet app, from .mpy, with the permit on stdin."""
     import json as _json
 
