@@ -1,10 +1,12 @@
 """Pull sync (voltgate.sync) through voltgate.link.Board against the real
 firmware link on MicroPython (a simulated outlet), over an in-process
 transport that can lose and repeat messages: every record stored once, a
-lost ack or a repeated batch stores nothing twice, gaps are reported."""
+lost ack or a repeated batch stores nothing twice, gaps are reported. Then
+sync.Puller's scheduling, with sync.pull replaced by a recorder."""
 
 import collections
 import random
+import threading
 
 import pytest
 
@@ -142,3 +144,115 @@ def test_a_command_behind_the_boards_counter_catches_up(board):
     c2 = client(WorkerTransport(board))  # its counter is the time in µs: behind
     assert c2.ack(2) == 2
     assert c2.counter.next() > 10**18
+
+
+# -- Puller: when pulls happen (sync.pull replaced by a recorder)
+
+
+class Pulls:
+    """Stands in for sync.pull: records each pull, can hold one device's
+    pulls until released, and fails where told."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.done = collections.Counter()
+        self.running = collections.Counter()
+        self.most = 0  # the most pulls of one device at the same time
+        self.hold = set()
+        self.fail = {}
+
+    def __call__(self, board, store, **kw):
+        d = board
+        with self.cv:
+            self.running[d] += 1
+            self.most = max(self.most, self.running[d])
+            while d in self.hold:
+                self.cv.wait()
+        try:
+            if d in self.fail:
+                raise self.fail[d]
+            return sync.PullResult(d, new=1)
+        finally:
+            with self.cv:
+                self.running[d] -= 1
+                self.done[d] += 1
+                self.cv.notify_all()
+
+    def release(self, d):
+        with self.cv:
+            self.hold.discard(d)
+            self.cv.notify_all()
+
+    def wait(self, cond, timeout=10.0):
+        with self.cv:
+            assert self.cv.wait_for(lambda: cond(self), timeout), dict(self.done)
+
+
+@pytest.fixture
+def pulls(monkeypatch):
+    p = Pulls()
+    monkeypatch.setattr(sync, "pull", p)
+    return p
+
+
+def puller(**kw):
+    reports = []
+    kw.setdefault("report", lambda d, r, e: reports.append((d, r, e)))
+    pl = sync.Puller(lambda d: d, None, **kw)  # the "board" is its device id here
+    pl.reports = reports
+    return pl
+
+
+def test_every_known_board_is_pulled_on_its_interval(pulls):
+    with puller(interval=0.05) as pl:
+        pl.add("a")
+        pl.add("b", now=True)
+        pulls.wait(lambda p: p.done["a"] >= 3 and p.done["b"] >= 3)
+        pl.remove("b")
+        n = pulls.done["b"]
+        pulls.wait(lambda p: p.done["a"] >= n + 3)
+    assert pulls.done["b"] <= n + 1  # one may have been under way
+    assert all(r[1].new == 1 and r[2] is None for r in pl.reports)
+
+
+def test_a_board_coming_online_is_pulled_at_once_and_offline_changes_nothing(pulls):
+    with puller(interval=3600) as pl:
+        pl.on_state("a", False)
+        pl.on_state("b", True)
+        pulls.wait(lambda p: p.done["b"] == 1)
+        assert pulls.done["a"] == 0 and pl.devices == ["b"]
+
+
+def test_one_pull_per_board_at_a_time_and_asks_meanwhile_make_one_more(pulls):
+    pulls.hold.add("a")
+    with puller(interval=3600) as pl:
+        pl.pull_now("a")
+        pulls.wait(lambda p: p.running["a"] == 1)
+        for _ in range(5):
+            pl.pull_now("a")
+        pl.pull_now("b")  # other boards go on meanwhile
+        pulls.wait(lambda p: p.done["b"] == 1)
+        pulls.release("a")
+        pulls.wait(lambda p: p.done["a"] == 2)
+    assert pulls.most == 1 and pulls.done["a"] == 2
+
+
+def test_a_failed_pull_is_reported_and_the_board_stays_scheduled(pulls):
+    pulls.fail["a"] = link.LinkTimeout("a: no answer")
+    with puller(interval=0.05) as pl:
+        pl.add("a", now=True)
+        pulls.wait(lambda p: p.done["a"] >= 2)
+    errors = [e for d, r, e in pl.reports if d == "a"]
+    assert errors and all(isinstance(e, link.LinkTimeout) for e in errors)
+
+
+def test_stop_ends_the_scheduling(pulls):
+    pl = puller(interval=0.01).start()
+    pl.add("a", now=True)
+    pulls.wait(lambda p: p.done["a"] >= 1)
+    pl.stop(timeout=5)
+    n = pulls.done["a"]
+    assert not pl._thread.is_alive()
+    pl.pull_now("a")
+    with pulls.cv:
+        assert not pulls.cv.wait_for(lambda: pulls.done["a"] > n, 0.2)

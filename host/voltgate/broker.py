@@ -201,6 +201,8 @@ class BrokerConfig:
                 "use_username_as_clientid true",
                 f"password_file {d / PASSWD}",
                 f"acl_file {d / ACL}",
+                # without it each QoS 1 request/reply waits ~40 ms on Nagle and delayed ACKs
+                "set_tcp_nodelay true",
                 "persistence true",
                 f"persistence_location {d / DATA}",
                 f"log_dest file {d / LOG}",

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -156,3 +158,124 @@ def pull(
     else:
         res.acked = acked
     return res
+
+
+class Puller:
+    """Pull scheduling for many boards: each known board every interval
+    seconds, a board as soon as it comes online (on_state, for
+    voltgate.mqttlink.MqttTransport), and on demand (pull_now). One pull per
+    board at a time, at most `workers` boards at once; a pull asked for
+    while one of that board runs follows it. Each pull's outcome goes to
+    report(device, result, error): a PullResult, or the exception it raised
+    (a LinkTimeout while the board or the broker is away, a BoardError, ...).
+
+        puller = Puller(lambda d: Board(transport, d, key=key_of(d)), store, interval=300, report=log)
+        transport.on_state = puller.on_state
+        with puller:            # start(); stop() on leaving
+            puller.add("ou-0001")
+
+    board_for(device) makes the link.Board a pull uses; pull_args go to
+    pull() (batch, ack). Threads: one scheduler and a pool of workers.
+    """
+
+    def __init__(
+        self,
+        board_for: Callable[[str], Board],
+        store: RecordStore,
+        *,
+        interval: float = 300.0,
+        report: Callable[[str, PullResult | None, Exception | None], None] | None = None,
+        workers: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+        **pull_args,
+    ):
+        self._board_for = board_for
+        self._store = store
+        self.interval = interval
+        self._report = report
+        self._clock = clock
+        self._pull_args = pull_args
+        self._cv = threading.Condition()
+        self._due: dict[str, float] = {}  # device -> when its next pull is due
+        self._busy: set[str] = set()
+        self._stopping = False
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="voltgate-pull")
+        self._thread: threading.Thread | None = None
+
+    def add(self, device: str, *, now: bool = False) -> None:
+        """Pull this board every interval from now on (the first time now, or after one interval)."""
+        with self._cv:
+            if device not in self._due or now:
+                self._due[device] = self._clock() + (0 if now else self.interval)
+            self._cv.notify()
+
+    def remove(self, device: str) -> None:
+        with self._cv:
+            self._due.pop(device, None)
+
+    def pull_now(self, device: str) -> None:
+        """Pull this board as soon as it is not being pulled (adds it if new)."""
+        with self._cv:
+            self._due[device] = float("-inf")
+            self._cv.notify()
+
+    def on_state(self, device: str, online: bool) -> None:
+        """A board came online (or went offline): pull it when it comes."""
+        if online:
+            self.pull_now(device)
+
+    @property
+    def devices(self) -> list[str]:
+        with self._cv:
+            return sorted(self._due)
+
+    def start(self) -> Puller:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="voltgate-puller", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop scheduling; pulls under way finish (their own timeouts bound them)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Puller:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._stopping:
+                now = self._clock()
+                wait = None
+                for device, due in list(self._due.items()):
+                    if device in self._busy:
+                        continue
+                    if due <= now:
+                        self._busy.add(device)
+                        self._due[device] = now + self.interval
+                        self._pool.submit(self._pull, device)
+                        due = now + self.interval
+                    wait = due - now if wait is None else min(wait, due - now)
+                self._cv.wait(wait)
+
+    def _pull(self, device: str) -> None:
+        try:
+            result = error = None
+            try:
+                result = pull(self._board_for(device), self._store, **self._pull_args)
+            except Exception as e:  # reported, never lost in the pool
+                error = e
+            if self._report is not None:
+                self._report(device, result, error)
+        finally:
+            with self._cv:
+                self._busy.discard(device)
+                self._cv.notify()
