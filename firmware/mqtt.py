@@ -51,6 +51,8 @@ except ImportError:  # CPython
 
 _IO_MS = const(500)
 _POLL_MS = const(20)  # between steps while connected and idle
+_BUSY_MS = const(500)  # after a message arrives: the server is likely pulling, so
+_BUSY_POLL_MS = const(2)  # poll this often until _BUSY_MS pass without one
 _SLICE_MS = const(5000)  # longest sleep between check-ins while waiting to retry
 _RETRY_MS = const(1000)
 _RETRY_MAX_MS = const(60000)
@@ -109,6 +111,8 @@ class MqttLink(MQTTClient):
                         ms = 0
                     if ms and hw.ticks_diff(hw.ticks_ms(), self._tx) >= self.keepalive * 500:
                         self._step()
+                    elif ms and hw.ticks_diff(hw.ticks_ms(), self._rx) < _BUSY_MS:
+                        ms = _BUSY_POLL_MS
             except _ERRORS as e:
                 self._lost(e)
             if not self._ph:

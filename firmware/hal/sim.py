@@ -478,7 +478,7 @@ async def drive(world, ms, step_ms=10):
         await asyncio.sleep_ms(0)
 
 
-async def realtime(world, speed=1, step_ms=20):
+async def realtime(world, speed=1, step_ms=5):
     """Advance the world with the real clock, speed times as fast: for a
     simulated board that real clients (broker, serial line) talk to."""
     import asyncio
