@@ -72,8 +72,9 @@ class Clock:
         self._run0 = run + PERSIST_S  # run-time seconds at tick _k0
         self._k0 = hw.ticks_ms()
         self._iat = 0  # iat seen on an untrusted clock: RAM only (see floor())
-        self._nonce = None
-        self._nonce_at = 0
+        self._nonce = self._nonce_old = None
+        self._nonce_at = self._nonce_old_at = 0
+        self.junk = 0  # syncs refused for their MAC
         self.persist()  # so that the next boot adds to this one's bump
 
     # -- reading
@@ -168,7 +169,11 @@ class Clock:
 
     def begin_sync(self):
         """A fresh nonce for the server to answer; valid for SYNC_WINDOW_S,
-        for one sync, and only in this boot (it is never persisted)."""
+        for one sync, and only in this boot (it is never persisted). The
+        nonce before it stays valid too, so that one more hello (a pull,
+        another server) does not spoil a sync on its way."""
+        self._nonce_old = self._nonce
+        self._nonce_old_at = self._nonce_at
         self._nonce = os.urandom(NONCE_LEN)
         self._nonce_at = self.run_s()
         return self._nonce
@@ -177,20 +182,26 @@ class Clock:
         """Apply a signed time sync; returns a wire reason code."""
         reason, env = command.verify(token, keys)
         if reason != wire.OK:
-            self._event("sync_" + wire.reason_name(reason), self.floor(), None)
+            self.junk += 1  # no valid MAC: counted, not logged (junk must not write the flash)
             return reason
         t = env.get(wire.ENV_BODY)
         nonce = env.get(wire.ENV_NONCE)
+        at = None
+        if isinstance(nonce, bytes):
+            if self._nonce is not None and equal(nonce, self._nonce):
+                at = self._nonce_at
+            elif self._nonce_old is not None and equal(nonce, self._nonce_old):
+                at = self._nonce_old_at
         if env[wire.ENV_TYPE] != wire.MSG_TIME_SYNC or not isinstance(t, int) or t < 0 or not isinstance(nonce, bytes):
             reason = wire.MALFORMED
-        elif self._nonce is None or not equal(nonce, self._nonce):
-            reason = wire.REPLAYED  # not the answer to the nonce outstanding now
-        elif self.run_s() - self._nonce_at > SYNC_WINDOW_S:
+        elif at is None:
+            reason = wire.REPLAYED  # not the answer to a nonce outstanding now
+        elif self.run_s() - at > SYNC_WINDOW_S:
             reason = wire.EXPIRED
         if reason != wire.OK:
             self._event("sync_" + wire.reason_name(reason), self.floor(), t)
             return reason
-        self._nonce = None
+        self._nonce = self._nonce_old = None
         old = self.floor()
         self._set(t)
         self._iat = 0

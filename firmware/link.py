@@ -26,6 +26,12 @@ VERSION = "0.1.0"
 _OUTBOX = const(8)  # alarms kept for the transport; older ones are in the log
 _BATCH_RECORDS = const(64)
 _BATCH_BYTES = const(1536)  # of records as stored: a batch stays inside MAX_FRAME
+_MAX_REQUEST = const(768)  # bytes: a 512-byte permit and its envelope; more is refused undecoded
+_MAX_PING = const(256)  # bytes a ping may carry (echoed)
+_MAX_CTR = const(0x7FFFFFFFFFFFFFFF)  # a counter above would leave none higher for the next command
+# refusals decided before the MAC was found good: counted, not logged (a
+# flood of junk must not write the flash)
+_PRE_MAC = (wire.MALFORMED, wire.TOO_LARGE, wire.BAD_ALG, wire.NO_KEY, wire.UNKNOWN_KEY, wire.BAD_MAC)
 # the app command each signed request calls (None: the link's own)
 _APP = {
     wire.MSG_REVOKE: "revoke",
@@ -45,11 +51,24 @@ class Link:
         self.outbox = []
         raw = p.hw.store.get("cmd_ctr")
         self.ctr = int.from_bytes(raw, "big") if raw else 0
+        self.junk = 0  # commands refused before their MAC was found good
+        self._last = None  # (token, reply) of the last command accepted: a retry gets the same reply
         p.log.on_alarm = self._alarm
 
     def handle(self, data):
         """The reply (bytes) to one request (bytes), or None when data is not
         a request (a board never answers a reply)."""
+        if len(data) > _MAX_REQUEST:
+            return _error(None, wire.TOO_LARGE, "request too large")
+        try:
+            return self._handle(data)
+        except MemoryError:
+            import gc
+
+            gc.collect()
+            return _error(None, wire.TOO_LARGE, "out of memory")
+
+    def _handle(self, data):
         try:
             env = cbor.loads(data, 6)
         except ValueError:
@@ -58,6 +77,8 @@ class Link:
             return _error(None, wire.MALFORMED, "not a message")
         t = env[wire.ENV_TYPE]
         rid = env.get(wire.ENV_ID)
+        if rid is not None and not (isinstance(rid, int) and 0 <= rid <= 0xFFFFFFFF):
+            return _error(None, wire.MALFORMED, "bad request id")
         if t >= wire.MSG_REPLY or t < 1:
             return None
         dev = env.get(wire.ENV_DEVICE)
@@ -66,22 +87,23 @@ class Link:
         body = env.get(wire.ENV_BODY)
         try:
             if t in _APP:
+                last = self._last
+                if last is not None and body == last[0]:
+                    return last[1]  # a retry of the command just done: its reply again, not a second run
                 r, body = self._signed(t, body)
                 if r != wire.OK:
                     return _error(rid, r, "command refused")
                 r, out = self._command(t, body)
+                if t != wire.MSG_TIME_SYNC:
+                    self._last = (env[wire.ENV_BODY], _reply(rid, t, r, out))
+                    return self._last[1]
             elif t == wire.MSG_GET_LOG:
                 return self._batch(rid, body)
             else:
                 r, out = self._query(t, body)
         except (ValueError, TypeError, IndexError, KeyError, AttributeError):
             r, out = wire.MALFORMED, "bad body"
-        if r != wire.OK:
-            return _error(rid, r, out)
-        out = cbor.dumps({wire.ENV_TYPE: wire.MSG_REPLY + t, wire.ENV_ID: rid, wire.ENV_BODY: out})
-        if len(out) > wire.MAX_FRAME:  # every reply fits one serial frame
-            return _error(rid, wire.TOO_LARGE, "reply too large")
-        return out
+        return _reply(rid, t, r, out)
 
     # -- requests anyone on the link may make
 
@@ -104,10 +126,13 @@ class Link:
                 out["board"] = p.config["name"]
                 out["site"] = p.ident.site
                 out["nonce"] = c.begin_sync()
+                out["junk"] = self.junk + c.junk
             else:
                 out["app"] = self.app.status()
             return wire.OK, out
         if t == wire.MSG_PING:
+            if not (body is None or isinstance(body, int) or isinstance(body, (bytes, str)) and len(body) <= _MAX_PING):
+                return wire.MALFORMED, "ping carries an int, or bytes or text of at most 256"
             return wire.OK, body
         if t == wire.MSG_PRESENT:
             if isinstance(body, list):
@@ -155,6 +180,8 @@ class Link:
                 head(out, 0, r[3])
                 out.extend(r[4])
                 i += 1
+        if len(out) > wire.MAX_FRAME:  # one record over the batch bound
+            return _error(rid, wire.TOO_LARGE, "record too large for a batch")
         return bytes(out)
 
     # -- signed commands
@@ -175,10 +202,13 @@ class Link:
                 r = wire.MALFORMED
             elif env.get(wire.ENV_DEVICE) != p.ident.device_id:
                 r = wire.WRONG_AUDIENCE
-            elif ctr <= self.ctr:
+            elif ctr <= self.ctr or ctr > _MAX_CTR:
                 r = wire.REPLAYED
             elif exp < p.clock.floor():
                 r = wire.EXPIRED
+        if r in _PRE_MAC:
+            self.junk += 1
+            return r, None
         p.log.append(wire.LOG_COMMAND, [t, r, ctr], p.clock.floor())
         if r != wire.OK:
             return r, None
@@ -210,6 +240,15 @@ class Link:
         cbor.encode_head(b, 0, ts)
         b.extend(body)
         self.outbox.append(bytes(b))
+
+
+def _reply(rid, t, r, out):
+    if r != wire.OK:
+        return _error(rid, r, out)
+    out = cbor.dumps({wire.ENV_TYPE: wire.MSG_REPLY + t, wire.ENV_ID: rid, wire.ENV_BODY: out})
+    if len(out) > wire.MAX_FRAME:  # every reply fits one serial frame
+        return _error(rid, wire.TOO_LARGE, "reply too large")
+    return out
 
 
 def _error(rid, reason, text):

@@ -172,6 +172,7 @@ class MqttLink(MQTTClient):
         elif self._q:
             r = self._link.handle(self._q.pop(0))
             if r is not None:
+                self._t0 = ticks_ms()  # the handling (a flash commit) does not count against the reply's io_ms
                 self.publish(self._up, r, False, 1)
         elif self._link.outbox:
             self.publish(self._up, self._link.outbox[0], False, 1)

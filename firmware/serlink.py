@@ -34,6 +34,7 @@ from micropython import const
 
 _IDLE_MS = const(10000)
 _TICK_MS = const(500)  # alarms go out and the idle time is checked this often
+_QUIET_MS = const(200)  # and no byte arrived for this long (a frame in flight)
 _BURST = const(512)  # bytes read before the other tasks get a turn
 _NUL = const(0)
 _CTRL_C = const(3)
@@ -60,7 +61,7 @@ class Console:
         self._n = 0
         self._one = bytearray(1)
         self.linked = False
-        self._last = 0
+        self._last = self._rx_at = 0
 
     async def run(self, sup):
         micropython.kbd_intr(-1)
@@ -89,6 +90,7 @@ class Console:
 
     def _byte(self, one):
         if self.linked:
+            self._rx_at = self._hw.ticks_ms()
             for m in self._dfr.feed(one):
                 self._frame(m)
             return
@@ -134,7 +136,10 @@ class Console:
                 continue
             while box:
                 self._out.write(framing.encode(box.pop(0)))
-            if hw.ticks_diff(hw.ticks_ms(), self._last) >= _IDLE_MS:
+            now = hw.ticks_ms()
+            # idle: no good frame for _IDLE_MS, and not in the middle of one
+            # (the rest of a frame read as text could hold a 0x03)
+            if hw.ticks_diff(now, self._last) >= _IDLE_MS and (not self._dfr._n or hw.ticks_diff(now, self._rx_at) >= _QUIET_MS):
                 self.linked = False
                 self._n = 0
 

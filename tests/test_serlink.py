@@ -186,7 +186,7 @@ def test_the_text_console_and_ctrl_c_share_the_line_with_the_link(board, tmp_pat
         t.write_line("present " + tok)
         assert t.read_line(0.2) is None  # link mode: lines are not read as lines
         # back to text mode once the link has been idle
-        answer = until(lambda: t.write_line("x") or t.read_line(0.1), 5, "a console answer")
+        answer = until(lambda: t.write_line("x") or t.read_line(0.5), 8, "a console answer")  # lines 0.5 s apart: a frame in flight keeps link mode, a quiet line does not
         assert answer == "error expected: present <hex or base64url token>"
         # the console task owns Ctrl-C: the interpreter's is off (kbd_intr(-1);
         # on the unix port, SIGINT is not caught)

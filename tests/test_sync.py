@@ -120,9 +120,10 @@ def test_a_lost_ack_reply_stores_nothing_twice(board, tmp_path):
         sync.pull(client(LoseAcks(board), retries=1), store)
     assert store.count(to.DEVICE) == n
     res = sync.pull(client(WorkerTransport(board)), store)
-    # the board got the acks; only their LOG_COMMAND records are new
-    assert res.new == 2 and res.duplicates == 0
-    assert store.count(to.DEVICE) == n + 2
+    # the board ran the ack once (the retry resent the same token and got
+    # the same reply back); its LOG_COMMAND record is all that is new
+    assert res.new == 1 and res.duplicates == 0
+    assert store.count(to.DEVICE) == n + 1
 
 
 def test_records_freed_before_this_store_saw_them_are_a_reported_gap(board, tmp_path):
@@ -256,3 +257,30 @@ def test_stop_ends_the_scheduling(pulls):
     pl.pull_now("a")
     with pulls.cv:
         assert not pulls.cv.wait_for(lambda: pulls.done["a"] > n, 0.2)
+
+
+def test_a_board_whose_log_starts_again_is_followed_from_its_start(mp_worker, tmp_path, board):
+    store = sync.RecordStore(tmp_path / "s.sqlite")
+    first = sync.pull(client(WorkerTransport(board)), store)
+    old = first.received
+    # the same device id with an erased flash (or a replaced board): seqs from 1
+    # again, under new boot epochs, and more of them than the store holds
+    (tmp_path / "replaced").mkdir()
+    fresh = tl.Board(mp_worker, tmp_path / "replaced")
+    fresh.sync()
+    assert fresh.outlet("present", to.permit(expires=to.START + 86400), 0)[0] == wire.OK
+    fresh.outlet("advance", 3_000_000)
+    want = board_records(fresh)
+    assert len(want) > old
+    later = lambda: to.START + 10_000  # noqa: E731 (the fresh board's time has moved on)
+    res = sync.pull(client(WorkerTransport(fresh), clock=later), store)
+    assert res.restarted and not res.gaps
+    assert res.new == len(want)  # from seq 1, not from where the old log ended
+    mine = {(r.epoch, r.seq) for r in store.records(to.DEVICE)}
+    assert len(mine) == old + len(want)  # both logs, each record once
+    # the next pull follows the new log: nothing skipped, no restart again
+    fresh.outlet("advance", 600_000)
+    again = sync.pull(client(WorkerTransport(fresh), clock=later), store)
+    assert not again.restarted and not again.gaps and again.new > 1
+    # the position is the last record pulled (only the ack's own record follows it)
+    assert store.position(to.DEVICE)[0] == [r[0] for r in board_records(fresh)][-1] - 1

@@ -21,6 +21,8 @@ reply was lost is never refused as a replay of itself.
 from __future__ import annotations
 
 import itertools
+import random
+import threading
 import time
 from typing import Any, Callable, Protocol
 
@@ -38,7 +40,19 @@ class LinkTimeout(Exception):
     """The board did not answer within the timeout, after every retry."""
 
 
-_rids = itertools.count(int(time.time()) & 0xFFFF)
+# request ids: from a random start, so that two server processes do not
+# take each other's replies for their own
+_rids = itertools.count(random.SystemRandom().getrandbits(31))
+_locks: dict = {}
+_locks_guard = threading.Lock()
+
+
+def _device_lock(transport, device) -> threading.RLock:
+    """One exchange at a time per (transport, device) in this process: two
+    Board objects for one board (a puller and a one-off command) would
+    otherwise take each other's replies off the same queue."""
+    with _locks_guard:
+        return _locks.setdefault((id(transport), device), threading.RLock())
 
 
 class Board:
@@ -68,11 +82,21 @@ class Board:
 
     # -- the request/response core
 
-    def _exchange(self, make: Callable[[int], bytes], mtype: int) -> Any:
+    def _exchange(self, make: Callable[[int], bytes], mtype: int, once: bool = False) -> Any:
+        """Send make(rid) and wait for its reply, resending on timeout.
+        once: make the request once and resend the same bytes (a signed
+        command: a retry must not be a second command)."""
+        with _device_lock(self.t, self.device):
+            return self._exchange_locked(make, mtype, once)
+
+    def _exchange_locked(self, make, mtype, once):
         last: Exception | None = None
+        payload = None
+        rid = 0
         for _ in range(self.retries + 1):
-            rid = next(_rids) & 0xFFFFFFFF
-            payload = make(rid)
+            if payload is None or not once:
+                rid = next(_rids) & 0xFFFFFFFF
+                payload = make(rid)
             self.t.send(self.device, payload)
             self.stats["sent"] += 1
             deadline = time.monotonic() + self.timeout
@@ -107,9 +131,11 @@ class Board:
 
     def command(self, mtype: int, body: Any = None) -> Any:
         """A signed command (ack, revoke, relay_off, unlock, clear_fault,
-        config); its reply body. A refusal as replayed means this server's
-        counter is behind the board's: it moves above the board's and
-        tries once more."""
+        config); its reply body. Every retry resends the same token, which
+        the board answers with the reply it gave (it never runs twice). A
+        refusal as replayed means this server's counter is behind the
+        board's (another server, a lost database): it moves above the
+        board's and signs once more."""
         if self.key is None:
             raise ValueError(f"{self.device}: a signed command needs the device key")
 
@@ -126,12 +152,12 @@ class Board:
             )
 
         try:
-            return self._exchange(make, mtype)
+            return self._exchange(make, mtype, once=True)
         except BoardError as e:
             if e.reason != wire.REPLAYED:
                 raise
             self.counter.raise_to(self.hello()["ctr"])
-            return self._exchange(make, mtype)
+            return self._exchange(make, mtype, once=True)
 
     # -- the operations
 
@@ -165,4 +191,9 @@ class Board:
             t = int(self.clock()) if now is None else now
             return messages.time_sync(t, nonce, key=self.key, key_version=self.key_version, rid=rid)
 
-        return self._exchange(make, wire.MSG_TIME_SYNC)
+        try:
+            return self._exchange(make, wire.MSG_TIME_SYNC)
+        except BoardError as e:
+            if e.reason != wire.REPLAYED:
+                raise
+            return self._exchange(make, wire.MSG_TIME_SYNC)  # its nonce went stale (two more hellos): once more

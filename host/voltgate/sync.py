@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS log_gaps (
     thinned INTEGER NOT NULL,
     PRIMARY KEY (device, first_seq)
 );
+CREATE TABLE IF NOT EXISTS sync_position (
+    device TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL
+);
 """
 
 
@@ -91,6 +96,17 @@ class RecordStore:
             ).fetchall()
         return [messages.Record(e, s, t, ty, cbor2.loads(b)) for e, s, t, ty, b in rows]
 
+    def position(self, device: str) -> tuple[int, int] | None:
+        """(seq, epoch) of the last record pulled from the board's current
+        log, or None before the first pull."""
+        with self._lock:
+            row = self._db.execute("SELECT seq, epoch FROM sync_position WHERE device = ?", (device,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def set_position(self, device: str, seq: int, epoch: int) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO sync_position VALUES (?, ?, ?)", (device, seq, epoch))
+
     def add_gap(self, device: str, first: int, last: int, thinned: int) -> None:
         with self._lock, self._db:
             self._db.execute("INSERT OR IGNORE INTO log_gaps VALUES (?, ?, ?, ?)", (device, first, last, thinned))
@@ -129,10 +145,12 @@ def pull(
     hello = board.hello()
     first, last, nxt, acked = hello["log"]
     thinned = sum(hello["dropped"])
-    have = store.last_seq(board.device)
-    if have + 1 > nxt:
-        # the board's seqs are behind what is stored: its log was erased and
-        # begins again (under a new boot epoch, so nothing collides)
+    pos = store.position(board.device)
+    have, have_epoch = pos if pos is not None else (0, None)
+    if have and (have + 1 > nxt or first <= have and _moved(board, have, have_epoch)):
+        # the board's log is not the one this store followed: it was erased
+        # (or the board replaced) and begins again under new boot epochs, so
+        # nothing collides; follow the new log from its start
         res.restarted = True
         have = 0
     frm = have + 1
@@ -150,14 +168,24 @@ def pull(
         res.received += len(b.records)
         res.new += store.add(board.device, b.records)
         frm = b.records[-1].seq + 1
+        store.set_position(board.device, b.records[-1].seq, b.records[-1].epoch)
         nxt = max(nxt, b.next_seq)
         if progress is not None:
             progress(frm - 1, nxt)
+    # ack what this pull stored (from its start to its end, gaps reported);
+    # never records of a log this store did not follow
     if ack and frm - 1 > acked and frm > 1:
         res.acked = board.ack(frm - 1)
     else:
         res.acked = acked
     return res
+
+
+def _moved(board: Board, seq: int, epoch: int | None) -> bool:
+    """Whether the board's record at seq (the last one stored) has another
+    boot epoch than the stored one: its log was erased and refilled past it."""
+    b = board.get_log(seq, 1)
+    return bool(b.records) and b.records[0].seq == seq and b.records[0].epoch != epoch
 
 
 class Puller:
