@@ -14,12 +14,25 @@ Fixtures:
             server_password="...") starts a private Mosquitto for that
             registry (voltgate.broker.Broker, on a free loopback port) and
             returns it; every broker it started is stopped at teardown.
+  pg_server the session's PostgreSQL (voltgate.server.pgcluster): the server
+            VOLTGATE_TEST_PG names (a URL whose role may CREATE DATABASE), else
+            a private cluster started from the server binaries when they are
+            installed (initdb, pg_ctl: on PATH, /usr/local/bin or
+            /usr/lib/postgresql/*/bin; as root it runs as `postgres` or
+            `nobody`), else None. A cluster that is found but does not start
+            is an error, not a skip. Stopped (pg_ctl stop -m fast) at the end.
+  db_url    parametrized over "sqlite" and "postgresql": the URL of a fresh
+            database migrated to head (voltgate.server.db.upgrade); a SQLite
+            file in tmp_path, or a new database on pg_server (CREATE DATABASE,
+            dropped afterwards). The PostgreSQL case is skipped without a server.
+  pg_url    the same, PostgreSQL only.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -118,3 +131,45 @@ def broker(tmp_path_factory):
     yield start
     for b in started:
         b.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    from voltgate.server import pgcluster
+
+    url = os.environ.get("VOLTGATE_TEST_PG")
+    if url:
+        yield pgcluster.PgServer(url)
+        return
+    bindir = pgcluster.find_bindir()
+    if bindir is None:
+        yield None
+        return
+    with pgcluster.PgCluster(bindir) as pg:
+        yield pg
+
+
+def _fresh_db(request, kind: str, tmp_path: Path) -> str:
+    from voltgate.server import db
+
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'server.sqlite'}"
+    else:
+        pg = request.getfixturevalue("pg_server")
+        if pg is None:
+            pytest.skip("no PostgreSQL: set VOLTGATE_TEST_PG to a server URL, or install the server binaries (initdb, pg_ctl)")
+        name = pg.create_database()
+        request.addfinalizer(lambda: pg.drop_database(name))
+        url = pg.url(name)
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    return _fresh_db(request, request.param, tmp_path)
+
+
+@pytest.fixture
+def pg_url(request, tmp_path) -> str:
+    return _fresh_db(request, "postgresql", tmp_path)

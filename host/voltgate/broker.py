@@ -14,7 +14,7 @@ MQTT 3.1.1; MQTT 5 gets PUBACK 0x87) or dropped (QoS 0) and never delivered,
 and a refused subscription is granted but delivers nothing. Because the
 username is the client id, one username is one connection: a second login
 takes the first one's session over (so several server workers need several
-usernames).
+usernames: BrokerConfig's server_users adds accounts with the server's ACL).
 """
 
 from __future__ import annotations
@@ -148,24 +148,34 @@ def _check_name(what: str, name: str) -> None:
 class BrokerConfig:
     """The registry as the broker sees it: one account per board plus the server's.
 
-    port 0 means: Broker picks a free loopback port when it starts."""
+    server_users: more (username, password) accounts with the server's ACL,
+    one per further server process (the broker forces client id = username,
+    so two processes cannot share one). port 0 means: Broker picks a free
+    loopback port when it starts."""
 
     devices: tuple[Device, ...]
     server_password: str = field(repr=False)
     server_user: str = SERVER_USER
     host: str = DEFAULT_HOST
     port: int = 0
+    server_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self):
         devices = tuple(d if isinstance(d, Device) else Device(*d) for d in self.devices)
         object.__setattr__(self, "devices", devices)
+        object.__setattr__(self, "server_users", tuple((u, pw) for u, pw in self.server_users))
         _check_name("server username", self.server_user)
         seen = {self.server_user}
+        for user, _ in self.server_users:
+            _check_name("server username", user)
+            if user in seen:
+                raise VoltgateError(f"server username {user!r} appears twice", None, EXIT_USAGE)
+            seen.add(user)
         for d in devices:
             _check_name("site", d.site)
             _check_name("device id", d.device)
             if d.device in seen:
-                raise VoltgateError(f"device id {d.device!r} appears twice or is the server's username", None, EXIT_USAGE)
+                raise VoltgateError(f"device id {d.device!r} appears twice or is a server username", None, EXIT_USAGE)
             seen.add(d.device)
         if not 0 <= self.port <= 65535:
             raise VoltgateError(f"bad port {self.port}", None, EXIT_USAGE)
@@ -175,17 +185,21 @@ class BrokerConfig:
             "# voltgate.broker: each board writes only its own up/state and reads only its own down;",
             "# the server reads every up/state and writes every down. Nothing else is allowed.",
             "",
-            f"user {self.server_user}",
-            "topic read vg/+/+/up",
-            "topic read vg/+/+/state",
-            "topic write vg/+/+/down",
         ]
+        for user in self.server_usernames:
+            lines += [f"user {user}", "topic read vg/+/+/up", "topic read vg/+/+/state", "topic write vg/+/+/down", ""]
+        lines.pop()
         for d in self.devices:
             lines += ["", f"user {d.device}", f"topic write {d.topic('up')}", f"topic write {d.topic('state')}", f"topic read {d.topic('down')}"]
         return "\n".join(lines) + "\n"
 
+    @property
+    def server_usernames(self) -> list[str]:
+        """The server's account and the further server accounts."""
+        return [self.server_user] + [u for u, _ in self.server_users]
+
     def passwd(self) -> str:
-        users = [(self.server_user, self.server_password)] + [(d.device, d.password) for d in self.devices]
+        users = [(self.server_user, self.server_password), *self.server_users] + [(d.device, d.password) for d in self.devices]
         return "".join(f"{user}:{hash_password(pw)}\n" for user, pw in users)
 
     def mosquitto_conf(self, directory: str | Path) -> str:

@@ -244,10 +244,791 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print {conf, devices, server_user} as JSON")
     b.set_defaults(fn=cmd_broker_config, command="broker config")
 
+    _server_parser(sub)
+    _operator_parsers(sub)
+
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
     return ap
 
+
+# -- voltgate server (the management server: gateway, pulls, REST API) -------------------------
+
+SERVER_EXAMPLES = """\
+examples:
+  voltgate server                           SQLite file voltgate.sqlite, broker 127.0.0.1:1883, API on 127.0.0.1:8080
+  voltgate server --db postgresql://vg@db.example/voltgate --broker 10.0.0.5:1883 \\
+      --broker-user voltgate-server-2 --broker-password-file /etc/voltgate/server-2.password
+                                            a second process against the same PostgreSQL and broker
+  voltgate server --http off --pull-interval 60
+                                            boards only, each pulled every minute
+
+Several processes may run against one PostgreSQL and one broker, each with its own
+broker account (the broker forces client id = user name). Ctrl-C or SIGTERM stops
+the server cleanly.
+"""
+
+
+def cmd_server(args) -> int:
+    from .server import bootstrap
+
+    bootstrap.configure_logging()
+    opts = bootstrap.ServerOptions(
+        db=args.db,
+        broker=args.broker,
+        broker_user=args.broker_user,
+        broker_password_file=args.broker_password_file,
+        keystore=args.keystore,
+        http=args.http,
+        pull_interval=args.pull_interval,
+    )
+    return bootstrap.serve(opts)
+
+
+def _server_parser(sub) -> None:
+    from .server import bootstrap
+
+    p = sub.add_parser(
+        "server",
+        help="run the management server: board gateway, log pulls, REST API",
+        description="Run the management server in one process: the MQTT gateway (pulls every board's log into "
+        "the database, stored once per record, and sends queued commands), the pull scheduler and the REST API. "
+        "The database is migrated to the newest schema first. Boards and their sites come from the registry "
+        "(the devices table); their keys are derived from the master secret.",
+        epilog=SERVER_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", help="database URL (default: $VOLTGATE_DB, else sqlite:///voltgate.sqlite)")
+    p.add_argument("--broker", default=bootstrap.DEFAULT_BROKER, metavar="HOST:PORT", help="MQTT broker (default: %(default)s)")
+    p.add_argument("--broker-user", default=bootstrap.SERVER_USER, help="this process's broker account (default: %(default)s)")
+    p.add_argument(
+        "--broker-password-file", default=bootstrap.DEFAULT_PASSWORD_FILE, help="file holding that account's password (default: %(default)s)"
+    )
+    p.add_argument(
+        "--keystore",
+        default=os.environ.get("VOLTGATE_KEYSTORE", bootstrap.DEFAULT_KEYSTORE),
+        help="the master secret file, mode 0600 (default: $VOLTGATE_KEYSTORE, else %(default)s)",
+    )
+    p.add_argument("--http", default=bootstrap.DEFAULT_HTTP, metavar="HOST:PORT", help="REST API address, or 'off' (default: %(default)s)")
+    p.add_argument("--pull-interval", type=float, default=300.0, metavar="SECONDS", help="pull each board this often (default: %(default)s)")
+    p.set_defaults(fn=cmd_server)
+
+
+# -- operator commands on the server's database: users, tariffs, settings, devices, permits, ledger --
+
+DB_HELP = "database URL (default: $VOLTGATE_DB, else sqlite:///voltgate.sqlite)"
+
+
+def _open_db(args):
+    """(session factory, engine) of --db, migrated to the newest schema."""
+    from .server import bootstrap
+
+    eng, factory = bootstrap.open_database(args.db)
+    return eng, factory
+
+
+def _in_db(args, work):
+    """work(session) in one transaction on --db; the engine is closed after."""
+    from .server import services
+
+    eng, factory = _open_db(args)
+    try:
+        return services.retrying(factory, work)
+    finally:
+        eng.dispose()
+
+
+def _when(text: str | None, tz_name: str, what: str) -> int | None:
+    """Unix seconds, or an ISO 8601 time (local in the server's timezone when it has no offset)."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise VoltgateError(f"bad {what} {text!r}", "Unix seconds or ISO 8601, e.g. 2026-05-01T18:00", EXIT_USAGE) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=ZoneInfo(tz_name))
+    return int(t.timestamp())
+
+
+def _iso(ts: int | None) -> str:
+    from datetime import UTC, datetime
+
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _table(rows: list[tuple]) -> None:
+    rows = [tuple("-" if c is None else str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def cmd_users_add(args) -> int:
+    import time
+
+    from .server import services
+
+    def work(s):
+        u = services.add_user(s, args.user, name=args.name or "")
+        if args.balance:
+            services.pay(s, u.id, args.balance, now=int(time.time()), ref=f"opening:{u.id}")
+        return services.user_dict(u)
+
+    u = _in_db(args, work)
+    if args.json:
+        _print_json(u)
+    else:
+        print(f"added user {u['id']} (balance {u['balance']} cents)")
+    return EXIT_OK
+
+
+def cmd_users_list(args) -> int:
+    from .server import services
+
+    rows = _in_db(args, lambda s: [services.user_dict(u) for u in services.users(s)])
+    if args.json:
+        _print_json(rows)
+    elif rows:
+        _table(
+            [("USER", "NAME", "STATUS", "BALANCE", "POINTS")]
+            + [(u["id"], u["name"] or "-", u["status"], u["balance"], u["points"]) for u in rows]
+        )
+    else:
+        print("no users (add one with: voltgate users add ID)")
+    return EXIT_OK
+
+
+def cmd_users_show(args) -> int:
+    import time
+
+    from .server import services
+
+    def work(s):
+        u = services.user(s, args.user)
+        out = services.user_dict(u, services.load_policy(s))
+        out["open_rentals"] = [services.rental_dict(r) for r in services.rentals(s, user_id=u.id, open_only=True)]
+        out["live_permits"] = [services.permit_dict(p) for p in services.list_permits(s, user_id=u.id, live_at=int(time.time()))]
+        out["ledger"] = [services.entry_dict(e) for e in services.ledger(s, user_id=u.id, limit=args.limit)]
+        return out
+
+    u = _in_db(args, work)
+    if args.json:
+        _print_json(u)
+        return EXIT_OK
+    print(f"user {u['id']}{' (' + u['name'] + ')' if u['name'] else ''}: {u['status']}")
+    print(f"  balance {u['balance']} cents, {u['points']} points (worth {u['points_value']} cents towards fees)")
+    print(f"  {_count(len(u['open_rentals']), 'open rental')}, {_count(len(u['live_permits']), 'live permit')}")
+    for e in u["ledger"]:
+        print(f"  #{e['seq']} {e['kind']} {e['amount']:+d} cents {e['points']:+d} points {e['energy_mwh']} mWh ({e['ref']})")
+    return EXIT_OK
+
+
+def cmd_users_pay(args) -> int:
+    import time
+
+    from .server import services
+
+    def work(s):
+        services.pay(s, args.user, args.cents, now=int(time.time()))
+        return services.user_dict(services.user(s, args.user))
+
+    u = _in_db(args, work)
+    if args.json:
+        _print_json(u)
+    else:
+        print(f"user {u['id']}: balance {u['balance']} cents")
+    return EXIT_OK
+
+
+def cmd_tariffs_set(args) -> int:
+    from .server import services
+
+    def work(s):
+        t = services.set_tariff(s, args.name, args.cents_per_kwh, args.start_hour, args.end_hour)
+        return {"name": t.name, "start_hour": t.start_hour, "end_hour": t.end_hour, "cents_per_kwh": t.cents_per_kwh}
+
+    t = _in_db(args, work)
+    if args.json:
+        _print_json(t)
+    else:
+        print(f"tariff {t['name']}: {t['cents_per_kwh']} cents/kWh from {t['start_hour']:02d}:00 to {t['end_hour']:02d}:00")
+    return EXIT_OK
+
+
+def cmd_tariffs_list(args) -> int:
+    from .server import services
+
+    def work(s):
+        rows = [
+            {"name": t.name, "start_hour": t.start_hour, "end_hour": t.end_hour, "cents_per_kwh": t.cents_per_kwh}
+            for t in services.tariffs(s)
+        ]
+        p = services.load_policy(s)
+        return {"timezone": p.timezone, "default_cents_per_kwh": p.default_cents_per_kwh, "tariffs": rows}
+
+    out = _in_db(args, work)
+    if args.json:
+        _print_json(out)
+        return EXIT_OK
+    if out["tariffs"]:
+        _table(
+            [("NAME", "FROM", "TO", "CENTS/KWH")]
+            + [(t["name"], f"{t['start_hour']:02d}:00", f"{t['end_hour']:02d}:00", t["cents_per_kwh"]) for t in out["tariffs"]]
+        )
+    print(f"hours no tariff covers: {out['default_cents_per_kwh']} cents/kWh; local time: {out['timezone']}")
+    return EXIT_OK
+
+
+def cmd_settings_list(args) -> int:
+    from .server import services
+
+    values = _in_db(args, services.settings)
+    if args.json:
+        _print_json(values)
+    else:
+        _table([("SETTING", "VALUE")] + [(k, json.dumps(v)) for k, v in values.items()])
+    return EXIT_OK
+
+
+def cmd_settings_set(args) -> int:
+    from .server import services
+
+    try:
+        value = json.loads(args.value)
+    except json.JSONDecodeError:
+        value = args.value  # a bare word: a timezone name
+    v = _in_db(args, lambda s: services.set_setting(s, args.key, value))
+    print(json.dumps({args.key: v}) if args.json else f"{args.key} = {json.dumps(v)}")
+    return EXIT_OK
+
+
+def cmd_devices_add(args) -> int:
+    from .server import services
+
+    def work(s):
+        d = services.add_device(
+            s,
+            args.device,
+            site_id=args.site,
+            kind=args.kind,
+            board=args.board,
+            slots=args.slots or 0,
+            outlets=args.outlets or 0,
+            key_version=args.key_version,
+            fw_version=args.fw,
+            enabled=not args.disabled,
+        )
+        return services.device_dict(d)
+
+    d = _in_db(args, work)
+    if args.json:
+        _print_json(d)
+    else:
+        n = args.slots if args.kind == "station" else args.outlets
+        print(
+            f"added {d['kind']} {d['id']} at site {d['site']} ({_count(n or 0, 'slot' if d['kind'] == 'station' else 'outlet')}, key version {d['key_version']})"
+        )
+    return EXIT_OK
+
+
+def cmd_devices_list(args) -> int:
+    from .server import services
+
+    rows = _in_db(args, lambda s: [services.device_dict(d) for d in services.devices(s)])
+    if args.json:
+        _print_json(rows)
+    elif rows:
+        _table(
+            [("DEVICE", "SITE", "KIND", "BOARD", "FIRMWARE", "KEY", "ENABLED", "ONLINE", "LAST SEEN")]
+            + [
+                (
+                    d["id"],
+                    d["site"],
+                    d["kind"],
+                    d["board"],
+                    d["fw_version"],
+                    d["key_version"],
+                    "yes" if d["enabled"] else "no",
+                    "yes" if d["online"] else "no",
+                    _iso(d["last_seen"]),
+                )
+                for d in rows
+            ]
+        )
+    else:
+        print("no devices (add one with: voltgate devices add ID --site S --kind station|outlet --board B)")
+    return EXIT_OK
+
+
+def cmd_devices_enable(args) -> int:
+    from .server import services
+
+    enabled = args.devices_command == "enable"
+    _in_db(args, lambda s: services.set_device_enabled(s, args.device, enabled))
+    print(f"device {args.device} {'enabled' if enabled else 'disabled'}")
+    return EXIT_OK
+
+
+def cmd_permits_request(args) -> int:
+    import base64
+    import time
+
+    from . import keys
+    from .server import services
+
+    if not args.keystore:
+        raise VoltgateError("permits request needs the master secret", "give --keystore FILE or set VOLTGATE_KEYSTORE", EXIT_USAGE)
+    if (args.end is None) == (args.minutes is None):
+        raise VoltgateError("give the window's end", "either --end TIME or --minutes N", EXIT_USAGE)
+    scope = None
+    if args.scope is not None:
+        try:
+            scope = [int(x) for x in args.scope.split(",")]
+        except ValueError:
+            raise VoltgateError(f"bad scope {args.scope!r}", "slot or outlet indexes separated by commas, e.g. 0,2", EXIT_USAGE) from None
+    master = keys.load_master(args.keystore)
+    now = int(time.time())
+
+    def work(s):
+        tz = services.load_policy(s).timezone
+        start = _when(args.start, tz, "--start")
+        issued = services.request_permit(
+            s,
+            master,
+            user_id=args.user,
+            device_id=args.device,
+            action=args.action,
+            now=now,
+            nbf=start,
+            exp=_when(args.end, tz, "--end"),
+            duration_s=args.minutes * 60 if args.minutes is not None else None,
+            scope=scope,
+            max_wh=args.max_wh,
+            max_w=args.max_w,
+            single_use=not args.many,
+            battery=args.battery,
+            compact=args.compact,
+        )
+        return services.permit_dict(issued.permit), issued.token, issued.estimate
+
+    p, token, est = _in_db(args, work)
+    if args.out:
+        Path(args.out).write_bytes(token)
+    if args.json:
+        p.update(
+            token_hex=token.hex(),
+            token_b64url=base64.urlsafe_b64encode(token).rstrip(b"=").decode(),
+            estimate={"energy_mwh": est.energy_mwh, "energy_cents": est.energy_cents, "fee_cents": est.fee_cents},
+        )
+        _print_json(p)
+    else:
+        print(
+            f"permit {p['cti']}: {p['action']} on {p['device']} for {p['user']}, {_iso(p['nbf'])} to {_iso(p['exp'])}, {len(token)} bytes"
+        )
+        print(f"  estimated {est.energy_cents + est.fee_cents} cents ({est.energy_cents} energy + {est.fee_cents} fee)")
+        print(f"  written to {args.out}" if args.out else f"  token {token.hex()}")
+    return EXIT_OK
+
+
+def cmd_permits_list(args) -> int:
+    import time
+
+    from .server import services
+
+    rows = _in_db(
+        args,
+        lambda s: [
+            services.permit_dict(p)
+            for p in services.list_permits(s, user_id=args.user, device_id=args.device, live_at=int(time.time()) if args.live else None)
+        ],
+    )
+    if args.json:
+        _print_json(rows)
+    elif rows:
+        _table(
+            [("PERMIT", "USER", "DEVICE", "ACTION", "SCOPE", "NBF", "EXP", "REVOKED")]
+            + [
+                (
+                    p["cti"],
+                    p["user"],
+                    p["device"],
+                    p["action"],
+                    ",".join(map(str, p["scope"])) if p["scope"] else "any",
+                    _iso(p["nbf"]),
+                    _iso(p["exp"]),
+                    _iso(p["revoked_at"]),
+                )
+                for p in rows
+            ]
+        )
+    else:
+        print("no permits")
+    return EXIT_OK
+
+
+def cmd_permits_revoke(args) -> int:
+    import time
+
+    from .server import services
+
+    if (args.cti is None) == (args.user is None):
+        raise VoltgateError("revoke what?", "give a permit id, or --user ID to revoke a user", EXIT_USAGE)
+    now = int(time.time())
+    if args.user is not None:
+        cmds = _in_db(args, lambda s: [services.command_dict(c) for c in services.revoke_user(s, args.user, now=now)])
+        what = f"user {args.user} suspended"
+    else:
+        cmds = _in_db(args, lambda s: [services.command_dict(c) for c in [services.revoke_permit(s, args.cti, now=now)] if c is not None])
+        what = f"permit {args.cti} revoked"
+    if args.json:
+        _print_json({"revoked": args.user or args.cti, "commands": cmds})
+    else:
+        boards = sorted({c["device"] for c in cmds})
+        print(f"{what}; revocation queued for {_count(len(boards), 'board')}{': ' + ', '.join(boards) if boards else ''}")
+    return EXIT_OK
+
+
+def cmd_ledger_verify(args) -> int:
+    from .server import services
+
+    head = None
+    if args.head:
+        seq, sep, digest = args.head.partition(":")
+        try:
+            head = (int(seq), bytes.fromhex(digest))
+        except ValueError:
+            head = None
+        if not sep or head is None or len(head[1]) != 32:
+            raise VoltgateError(f"bad --head {args.head!r}", "SEQ:HASH as printed by an earlier verify", EXIT_USAGE)
+    check = _in_db(args, lambda s: services.ledger_verify(s, head))
+    c = check.chain
+    if args.json:
+        _print_json(
+            {
+                "ok": check.ok,
+                "entries": c.entries,
+                "head": f"{c.head_seq}:{c.head_hash.hex()}",
+                "problem": None if c.problem is None else {"seq": c.problem.seq, "code": c.problem.code, "message": c.problem.message},
+                "mismatches": check.mismatches,
+            }
+        )
+    elif check.ok:
+        print(f"ledger ok: {c.entries} {'entry' if c.entries == 1 else 'entries'}, head {c.head_seq}:{c.head_hash.hex()}")
+        print("  keep the head somewhere else; `voltgate ledger verify --head SEQ:HASH` then also finds entries deleted at the end")
+    if not check.ok:
+        if c.problem is not None:
+            raise VoltgateError(
+                f"ledger {c.problem.code} at entry {c.problem.seq}: {c.problem.message}",
+                "restore the database from a backup and compare",
+                EXIT_FAILURE,
+            )
+        m = check.mismatches[0]
+        raise VoltgateError(
+            f"user {m['user']}'s balance/points ({m['balance']}/{m['points']}) differ from the ledger ({m['ledger_balance']}/{m['ledger_points']})",
+            "the users table was changed outside the ledger",
+            EXIT_FAILURE,
+        )
+    return EXIT_OK
+
+
+def cmd_ledger_show(args) -> int:
+    from .server import services
+
+    rows = _in_db(args, lambda s: [services.entry_dict(e) for e in services.ledger(s, user_id=args.user, limit=args.limit)])
+    if args.json:
+        _print_json(rows)
+    elif rows:
+        _table(
+            [("SEQ", "TIME", "USER", "KIND", "MWH", "CENTS", "POINTS", "REF", "HASH")]
+            + [
+                (e["seq"], _iso(e["ts"]), e["user"], e["kind"], e["energy_mwh"], e["amount"], e["points"], e["ref"], e["hash"][:16])
+                for e in rows
+            ]
+        )
+    else:
+        print("the ledger is empty")
+    return EXIT_OK
+
+
+def cmd_ledger_settle(args) -> int:
+    import time
+
+    from .server import services
+
+    now = int(time.time())
+
+    def work(s):
+        tz = services.load_policy(s).timezone
+        start, end = _when(args.start, tz, "--from"), _when(args.end, tz, "--to")
+        sts = [services.settle_fees(s, args.user, start, end, now=now)] if args.user else services.settle_all(s, start, end, now=now)
+        return [
+            {
+                "user": x.user_id,
+                "sessions": x.sessions,
+                "rentals": x.rentals,
+                "fee": x.fee_cents,
+                "points_spent": x.points_spent,
+                "points_cents": x.points_cents,
+                "due": x.due_cents,
+            }
+            for x in sts
+        ]
+
+    rows = _in_db(args, work)
+    if args.json:
+        _print_json(rows)
+    elif rows:
+        _table(
+            [("USER", "SESSIONS", "RENTALS", "FEE", "POINTS", "PAID BY POINTS", "DUE")]
+            + [(r["user"], r["sessions"], r["rentals"], r["fee"], r["points_spent"], r["points_cents"], r["due"]) for r in rows]
+        )
+    else:
+        print("no uses in that period")
+    return EXIT_OK
+
+
+def _group(sub, name, help_text, description, examples):
+    p = sub.add_parser(name, help=help_text, description=description, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(fn=lambda args, p=p: _usage(p))
+    return p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
+
+
+def _cmd(gsub, group, name, fn, help_text, example, json_help=None):
+    p = gsub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", epilog="example:\n  " + example,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--db", help=DB_HELP)
+    if json_help:
+        p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(fn=fn, command=f"{group} {name}")
+    return p
+
+
+def _operator_parsers(sub) -> None:
+    g = _group(
+        sub,
+        "users",
+        "the server's users: add, list, show, pay",
+        "Users of the management server, with their balance (cents) and value points. Balances move only through ledger entries.",
+        "examples:\n  voltgate users add alice --name 'Alice A.' --balance 2000\n  voltgate users list --json\n  voltgate users show alice",
+    )
+    p = _cmd(g, "users", "add", cmd_users_add, "register a user", "voltgate users add alice --balance 2000", "print the user as JSON")
+    p.add_argument("user", metavar="ID", help="user id (goes into permits as sub; at most 64 bytes)")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--balance", type=int, default=0, metavar="CENTS", help="an opening payment onto the balance")
+    _cmd(
+        g,
+        "users",
+        "list",
+        cmd_users_list,
+        "list users with balance and points",
+        "voltgate users list",
+        "print a list of {id, name, status, balance, points}",
+    )
+    p = _cmd(
+        g,
+        "users",
+        "show",
+        cmd_users_show,
+        "one user: balance, points, open rentals, live permits, last ledger entries",
+        "voltgate users show alice",
+        "print it as JSON",
+    )
+    p.add_argument("user", metavar="ID")
+    p.add_argument("--limit", type=int, default=10, help="ledger entries to show (default: %(default)s)")
+    p = _cmd(
+        g, "users", "pay", cmd_users_pay, "book a payment onto a user's balance", "voltgate users pay alice 1500", "print the user as JSON"
+    )
+    p.add_argument("user", metavar="ID")
+    p.add_argument("cents", type=int, metavar="CENTS", help="amount (negative: a refund paid out)")
+
+    g = _group(
+        sub,
+        "tariffs",
+        "prices of energy by local hour of day",
+        "Energy taken is charged at the tariff of each local hour (the narrowest window containing the hour; "
+        "windows may wrap midnight, e.g. --from 22 --to 7). Hours no tariff covers use the setting "
+        "default_cents_per_kwh; local time is the setting timezone.",
+        "examples:\n  voltgate tariffs set day --cents-per-kwh 30 --from 7 --to 22\n  voltgate tariffs set night --cents-per-kwh 12 --from 22 --to 7\n  voltgate tariffs list",
+    )
+    p = _cmd(
+        g,
+        "tariffs",
+        "set",
+        cmd_tariffs_set,
+        "add or change a tariff window",
+        "voltgate tariffs set day --cents-per-kwh 30 --from 7 --to 22",
+        "print the tariff as JSON",
+    )
+    p.add_argument("name")
+    p.add_argument("--cents-per-kwh", type=int, required=True, metavar="CENTS")
+    p.add_argument("--from", dest="start_hour", type=int, default=0, metavar="HOUR", help="first local hour, 0-23 (default: %(default)s)")
+    p.add_argument("--to", dest="end_hour", type=int, default=24, metavar="HOUR", help="end hour, exclusive, 0-24 (default: %(default)s)")
+    _cmd(
+        g,
+        "tariffs",
+        "list",
+        cmd_tariffs_list,
+        "list the tariff windows",
+        "voltgate tariffs list",
+        "print {timezone, default_cents_per_kwh, tariffs}",
+    )
+
+    g = _group(
+        sub,
+        "settings",
+        "approval policy, prices, points and fees settings",
+        "The operator's settings: approval conditions (grace_s, max_window_s, max_advance_s, min_balance_cents, "
+        "refuse_overdue, check_overlap, max_open_permits, max_open_rentals, require_funds; null switches one off), "
+        "estimates, fees, points and the timezone. Values are JSON.",
+        "examples:\n  voltgate settings list\n  voltgate settings set max_window_s 7200\n  voltgate settings set grace_s null\n  voltgate settings set timezone Europe/Berlin",
+    )
+    _cmd(g, "settings", "list", cmd_settings_list, "every setting with its value", "voltgate settings list", "print {setting: value}")
+    p = _cmd(
+        g,
+        "settings",
+        "set",
+        cmd_settings_set,
+        "set one setting",
+        "voltgate settings set fee_per_session_cents 40",
+        "print {setting: value}",
+    )
+    p.add_argument("key", metavar="SETTING")
+    p.add_argument("value", metavar="VALUE", help="JSON: a number, true/false, null, or a timezone name")
+
+    g = _group(
+        sub,
+        "devices",
+        "the registry's boards: add, list, enable, disable",
+        "Stations and outlets the server knows; their permit keys are derived from the master secret and the key version.",
+        "examples:\n  voltgate devices add st-1 --site depot --kind station --board station-8 --slots 8\n  voltgate devices add ou-1 --site depot --kind outlet --board outlet-2 --outlets 2\n  voltgate devices list --json",
+    )
+    p = _cmd(
+        g,
+        "devices",
+        "add",
+        cmd_devices_add,
+        "register a board",
+        "voltgate devices add ou-1 --site depot --kind outlet --board outlet-2 --outlets 2",
+        "print the device as JSON",
+    )
+    p.add_argument("device", metavar="ID", help="device id (1-32 of A-Z a-z 0-9 . _ -)")
+    p.add_argument("--site", required=True, help="site id (made if new)")
+    p.add_argument("--kind", required=True, choices=("station", "outlet"))
+    p.add_argument("--board", required=True, help="board file name (boards/<board>.json)")
+    p.add_argument("--slots", type=int, help="a station's slot count")
+    p.add_argument("--outlets", type=int, help="an outlet board's relay count")
+    p.add_argument("--key-version", type=int, default=1, help="device key version (default: %(default)s)")
+    p.add_argument("--fw", help="firmware version")
+    p.add_argument("--disabled", action="store_true", help="register it out of service")
+    _cmd(g, "devices", "list", cmd_devices_list, "list the boards", "voltgate devices list", "print a list of devices")
+    for name in ("enable", "disable"):
+        p = _cmd(g, "devices", name, cmd_devices_enable, f"{name} a board for new permits", f"voltgate devices {name} ou-1")
+        p.add_argument("device", metavar="ID")
+
+    g = _group(
+        sub,
+        "permits",
+        "issue permits through the approval policy, list and revoke them",
+        "A permit is issued only when the request meets every approval condition (user active and in good "
+        "standing, funds, device enabled, window, no overlap, per-user limits); a refusal says which one and why "
+        "(exit code 1). Revocations are queued for the boards and sent at their next pull.",
+        "examples:\n  voltgate permits request --user alice --device ou-1 --action power --minutes 60 --keystore master.key\n"
+        "  voltgate permits request --user alice --device st-1 --action rent --start 2026-05-01T18:00 --minutes 30 --out permit.cbor\n"
+        "  voltgate permits list --live\n  voltgate permits revoke 3f2a9c0d11b2e4f5\n  voltgate permits revoke --user mallory",
+    )
+    p = _cmd(
+        g,
+        "permits",
+        "request",
+        cmd_permits_request,
+        "ask for a permit as a user would",
+        "voltgate permits request --user alice --device ou-1 --action power --minutes 60",
+        "print the permit with its token as JSON",
+    )
+    p.add_argument("--user", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--action", required=True, choices=("rent", "return", "power", "service"))
+    p.add_argument("--start", help="window start: Unix seconds or ISO 8601 (default: now)")
+    p.add_argument("--end", help="window end: Unix seconds or ISO 8601")
+    p.add_argument("--minutes", type=int, help="window length from the start")
+    p.add_argument("--scope", help="slot or outlet indexes, e.g. 0,2 (default: any)")
+    p.add_argument("--max-wh", type=int, help="energy cap (power permits; default: the estimate's energy)")
+    p.add_argument("--max-w", type=int, help="power cap")
+    p.add_argument("--battery", help="the battery a return permit is for (hex id)")
+    p.add_argument("--many", action="store_true", help="many uses within the window (default: single use)")
+    p.add_argument("--compact", action="store_true", help="HMAC 256/64: a smaller token for QR codes")
+    p.add_argument("--keystore", default=os.environ.get("VOLTGATE_KEYSTORE"), help="the master secret file (default: $VOLTGATE_KEYSTORE)")
+    p.add_argument("--out", help="write the token (CBOR bytes) to this file")
+    p = _cmd(
+        g,
+        "permits",
+        "list",
+        cmd_permits_list,
+        "list issued permits",
+        "voltgate permits list --user alice --live",
+        "print a list of permits",
+    )
+    p.add_argument("--user")
+    p.add_argument("--device")
+    p.add_argument("--live", action="store_true", help="only permits not revoked, expired or used up")
+    p = _cmd(
+        g,
+        "permits",
+        "revoke",
+        cmd_permits_revoke,
+        "revoke a permit, or suspend a user and revoke theirs",
+        "voltgate permits revoke 3f2a9c0d11b2e4f5",
+        "print {revoked, commands}",
+    )
+    p.add_argument("cti", nargs="?", metavar="PERMIT", help="permit id (hex)")
+    p.add_argument("--user", help="suspend this user and revoke all their live permits")
+
+    g = _group(
+        sub,
+        "ledger",
+        "the hash-chained ledger: verify, show, settle fees",
+        "Every money, point and energy movement tied to a user is one ledger entry, chained by SHA-256. "
+        "verify finds an altered, deleted or reordered entry and balances that differ from the ledger (exit 1).",
+        "examples:\n  voltgate ledger verify\n  voltgate ledger verify --head 1207:9c1e...\n  voltgate ledger show --user alice --limit 20\n"
+        "  voltgate ledger settle --from 2026-05-01 --to 2026-06-01",
+    )
+    p = _cmd(
+        g,
+        "ledger",
+        "verify",
+        cmd_ledger_verify,
+        "check the hash chain and the balances",
+        "voltgate ledger verify --json",
+        "print {ok, entries, head, problem, mismatches}",
+    )
+    p.add_argument("--head", metavar="SEQ:HASH", help="a head noted earlier: the ledger must still hold it unchanged")
+    p = _cmd(
+        g, "ledger", "show", cmd_ledger_show, "the last ledger entries", "voltgate ledger show --user alice", "print a list of entries"
+    )
+    p.add_argument("--user")
+    p.add_argument("--limit", type=int, default=50, help="entries (default: %(default)s; 0: all)")
+    p = _cmd(
+        g,
+        "ledger",
+        "settle",
+        cmd_ledger_settle,
+        "compute and book the fees of a period from the ledger",
+        "voltgate ledger settle --from 2026-05-01 --to 2026-06-01",
+        "print the statements",
+    )
+    p.add_argument("--from", dest="start", required=True, metavar="TIME", help="period start: Unix seconds or ISO 8601")
+    p.add_argument("--to", dest="end", required=True, metavar="TIME", help="period end (exclusive)")
+    p.add_argument("--user", help="one user (default: every user with a use in the period)")
 
 def _usage(p) -> int:
     p.print_help(sys.stderr)

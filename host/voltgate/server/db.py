@@ -2,18 +2,26 @@
 VOLTGATE_DB, else a SQLite file `voltgate.sqlite` in the working directory
 (nothing to install). PostgreSQL URLs use psycopg 3
 (`postgresql+psycopg://user:pw@host/db`; a plain `postgresql://` is mapped to
-it)."""
+it).
+
+upgrade(url) brings a database to the newest schema with the Alembic
+migrations packaged in voltgate/server/migrations (no alembic.ini needed:
+alembic_config() builds the configuration in code)."""
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 DEFAULT_URL = "sqlite:///voltgate.sqlite"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# one server process migrates at a time (PostgreSQL advisory lock key)
+_MIGRATE_LOCK = 0x766F6C74  # "volt"
 
 
 def url_from_env(url: str | None = None) -> str:
@@ -48,3 +56,33 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work commits at the end of the block, or rolls back."""
     with factory() as s, s.begin():
         yield s
+
+
+def alembic_config(url: str | None = None):
+    """The Alembic configuration of the packaged migrations, for
+    alembic.command (upgrade, downgrade, current, history)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    # a URL's '%' would be read as configparser interpolation
+    cfg.set_main_option("sqlalchemy.url", url_from_env(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """Run the migrations up to revision (default: the newest). Several
+    server processes starting at once against one PostgreSQL take turns
+    (an advisory lock), so only the first one migrates."""
+    from alembic import command
+
+    cfg = alembic_config(url)
+    eng = engine(url)
+    try:
+        with eng.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATE_LOCK})")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    finally:
+        eng.dispose()

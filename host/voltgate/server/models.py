@@ -166,6 +166,16 @@ class LogGap(Base):
     thinned: Mapped[int] = mapped_column(BigInteger, default=0)  # the board's count of records it dropped
 
 
+class LogPosition(Base):
+    """Where the pull of a board's log stands: the (seq, epoch) of the last
+    record pulled from its current log (voltgate.sync.pull: position)."""
+
+    __tablename__ = "log_positions"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+
+
 class Rental(Base):
     """A battery out of a station (BatteryOut) until it is back in any station (BatteryIn)."""
 
