@@ -254,6 +254,35 @@ def link_rows(ser: dict, mq: dict) -> list[tuple]:
     ]
 
 
+def server_figures() -> dict:
+    sys.path.insert(0, str(HERE))
+    import server_bench
+
+    return server_bench.measure()
+
+
+def server_rows(m: dict) -> list[tuple]:
+    rows = [("permits issued per second (voltgate.permits.issue)", f"{m['permits_issued_per_s']:.0f} /s", "—", "python-cwt, alg 5, one device key", "—")]
+    for name, label in (("sqlite", "SQLite"), ("postgresql", "PostgreSQL")):
+        r = m.get(f"ingest_{name}")
+        rp = m.get(f"request_permit_{name}_per_s")
+        if isinstance(rp, (int, float)):
+            rows.append((f"permit requests through the approval policy, {label}", f"{rp:.0f} /s", "—", "services.request_permit: checks, estimate, issue, store", "—"))
+        if r is None:
+            rows.append((f"ingest of pulled batches, {label}", "not measured", "ratio to the broker's raw rate", str(rp), "—"))
+            continue
+        rows.append(
+            (
+                f"ingest of pulled batches, {label}",
+                f"{r['batches_per_s']:.0f} batches/s ({r['records_per_s']:.0f} records/s)",
+                "ratio to the broker's raw rate",
+                f"{r['ratio_to_raw_publish']:.3f}× the raw pipelined QoS 1 rate ({m['raw_publish_per_s']:.0f}/s); {r['ratio_to_raw_lockstep']:.2f}× the lock-step rate ({m['raw_lockstep_per_s']:.0f}/s); 4 pullers {r['batches_per_s_4_pullers']:.0f}/s",
+                "reported",
+            )
+        )
+    return rows
+
+
 def whole_board_rows(wb: dict) -> list[tuple]:
     rows = []
     for board, name, budget in (("station-8-devkitc", "8-slot station", STATION_HEAP), ("sim-outlet-2", "2-relay outlet", OUTLET_HEAP)):
@@ -375,6 +404,8 @@ def main(argv=None) -> int:
     boards_heap = whole_boards(firmware)
     print(f"measuring log pulls over a serial pty and over MQTT ({args.sync_records} records)", file=sys.stderr)
     ser, mq = link_figures(firmware, args.sync_records)
+    print("measuring permit issuing and server ingest (SQLite, PostgreSQL when available)", file=sys.stderr)
+    srv = server_figures()
 
     info = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -495,10 +526,25 @@ def main(argv=None) -> int:
         "boot epoch. The broker's raw rate is paho publishing messages of the batch's size",
         "at QoS 1 through the same broker in the same run.",
         "",
+        "## Server",
+        "",
+        "| figure | value | budget | baseline / comparison | status |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {' | '.join(r)} |" for r in server_rows(srv)]
+    lines += [
+        "",
+        f"`bench/server_bench.py`: batches of {srv['batch_records']} readings ({srv['batch_reply_bytes']} B, as a board's get_log",
+        "reply carries them) stored through `voltgate.server.store.ServerRecordStore`",
+        "(insert ... on conflict do nothing, then the bookings) into a fresh migrated",
+        "database: a SQLite file, and a private PostgreSQL cluster (fsync on) when its",
+        "server binaries are installed. The broker's raw rate is paho publishing",
+        "messages of the batch's size through a private Mosquitto at QoS 1 in the same run.",
+        "",
         "## Not measured yet",
         "",
-        "Server ingest and the fleet size one server keeps in sync come with the",
-        "management server (issue 6); their budgets are in shared/DESIGN.md.",
+        "The fleet size one server process keeps in sync at a given reading interval",
+        "comes with the simulated fleet (issue 8).",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
