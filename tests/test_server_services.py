@@ -22,9 +22,9 @@ H = 3600
 
 
 @pytest.fixture
-def factory(tmp_path):
-    eng = db.engine(f"sqlite:///{tmp_path / 'vg.sqlite'}")
-    models.Base.metadata.create_all(eng)
+def factory(db_url):
+    # a fresh migrated database: SQLite, and PostgreSQL when a server is at hand
+    eng = db.engine(db_url)
     yield db.sessions(eng)
     eng.dispose()
 
