@@ -209,7 +209,8 @@ def test_index_of_takes_the_first_field_of_slot_and_outlet_records():
     assert index_of(wire.LOG_OUTLET_READING, [1, 2, 3, 4]) == 1
     assert index_of(wire.LOG_ENERGY, [0, 12345]) == 0
     assert index_of(wire.LOG_STATE, [True, 1, 1]) is None  # not an index
-    assert index_of(wire.LOG_PERMIT, [0, b"x", "u", 3, 1]) is None
+    assert index_of(wire.LOG_PERMIT, [0, b"x", "u", 3, 1]) == 1  # [reason, cti, sub, action, index]
+    assert index_of(wire.LOG_BOOT, [1, "0.1.0", "b", []]) is None
     assert index_of(wire.LOG_ALARM, [34]) is None
     assert index_of(wire.LOG_SLOT_READING, "garbage") is None
 

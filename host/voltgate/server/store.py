@@ -33,25 +33,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .. import messages, wire
-from . import db
+from .. import messages
+from . import db, domain
 from .models import LogGap, LogPosition, LogRecord
 
 log = logging.getLogger(__name__)
 
-#: record types whose body starts with the slot or outlet index (SPEC.md 8, 9)
-INDEX_FIRST = frozenset(
-    {
-        wire.LOG_SLOT_READING,
-        wire.LOG_OUTLET_READING,
-        wire.LOG_STATE,
-        wire.LOG_BATTERY_OUT,
-        wire.LOG_BATTERY_IN,
-        wire.LOG_SESSION_START,
-        wire.LOG_SESSION_END,
-        wire.LOG_ENERGY,
-    }
-)
 _TRIES = 5
 # PostgreSQL: serialization_failure, deadlock_detected, unique_violation
 _RETRY_SQLSTATES = {"40001", "40P01", "23505"}
@@ -59,36 +46,15 @@ _RETRY_SQLSTATES = {"40001", "40P01", "23505"}
 ProcessFn = Callable[[Session, str, list], None]
 
 
-def index_of(rtype: int, body) -> int | None:
-    """The slot or outlet a record is about: the first field of readings,
-    states and billing records; the second of a station's or outlet's alarm
-    ([cause, slot, ...], [kind, outlet, ...]); None for the rest."""
-    if not isinstance(body, list):
-        return None
-    if rtype in INDEX_FIRST and body and _is_index(body[0]):
-        return body[0]
-    if rtype == wire.LOG_ALARM and len(body) >= 2 and _is_index(body[1]):
-        return body[1]
-    return None
-
-
-def _is_index(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 31
+# the slot or outlet a record is about: one reading of SPEC.md 8 and 9 for
+# the whole server (the bookings use it too)
+index_of = domain.record_index
 
 
 def _process_records() -> ProcessFn:
-    """services.process_records, or a no-op while there is no services module."""
-    try:
-        from . import services
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.services":
-            raise
-        return _no_processing
+    from . import services  # imported late: services imports the storage side too
+
     return services.process_records
-
-
-def _no_processing(s: Session, device: str, records: list) -> None:
-    pass
 
 
 def _insert(s: Session):
