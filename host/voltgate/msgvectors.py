@@ -12,14 +12,12 @@ test master of voltgate.vectors), ids, counters and times.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import cbor2
 
-from . import messages, tree, wire
-from .vectors import DEVICE, NOW, OTHER, _key
+from . import messages, wire
+from .vectors import DEVICE, NOW, OTHER, _key, generate
 
 CTR = 1_000  # the counter the board accepted last, in the command cases
 
@@ -74,24 +72,8 @@ def build() -> dict:
     }
 
 
-def render(data: dict) -> str:
-    return json.dumps(data, indent=1) + "\n"
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m voltgate.msgvectors", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if the file differs from what this generates")
-    args = ap.parse_args(argv)
-    path = tree.vectors_dir() / "messages.json"
-    text = render(build())
-    if args.check:
-        if not path.exists() or path.read_text() != text:
-            print(f"{path} is stale: run python -m voltgate.msgvectors", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(text)
-    print(f"wrote {path}")
-    return 0
+    return generate(argv, "voltgate.msgvectors", "messages.json", build, __doc__)
 
 
 if __name__ == "__main__":

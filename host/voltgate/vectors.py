@@ -287,20 +287,26 @@ def render(data: dict) -> str:
     return json.dumps(data, indent=1) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m voltgate.vectors", description=__doc__.splitlines()[0])
+def generate(argv, module: str, name: str, make, doc: str) -> int:
+    """The command line of a vector generator: write protocol/vectors/<name>,
+    or with --check exit 1 when the file is not what make() gives."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare with the committed file instead of writing it")
     args = ap.parse_args(argv)
-    path = tree.vectors_dir() / "permits.json"
-    text = render(build())
+    path = tree.vectors_dir() / name
+    text = render(make())
     if args.check:
         if not path.is_file() or path.read_text() != text:
-            print(f"{path} is out of date: run python -m voltgate.vectors", file=sys.stderr)
+            print(f"{path} is out of date: run python -m {module}", file=sys.stderr)
             return 1
         return 0
     path.write_text(text)
     print(f"wrote {path}")
     return 0
+
+
+def main(argv=None) -> int:
+    return generate(argv, "voltgate.vectors", "permits.json", build, __doc__)
 
 
 if __name__ == "__main__":
