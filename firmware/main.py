@@ -134,7 +134,7 @@ async def _until(p, apps, sup, extra):
     main_task.cancel()
 
 
-def boot_hw(path="/board.json", root="/", hal=None):
+def boot_hw(path="/board.json", root="/data", hal=None):
     """The hardware and the few board settings that outlive the boot; the
     parsed board file itself is dropped (tens of KB on a big station) before
     the platform's modules are imported. hal overrides the file's choice
@@ -207,7 +207,9 @@ def main():
         import machine
 
         machine.reset()
-    run(hw, board, parts(board["kind"]))
+    # simulated hardware (hal.sim) keeps no time of its own: on its own
+    # (voltgate sim) its world follows the real clock
+    run(hw, board, parts(board["kind"]), extra=getattr(hw, "follow_clock", None))
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def seen(request, firmware_build):
 
 def test_builds_the_station_from_its_board_file(seen):
     s = seen["station"]
-    assert (s["kind"], s["root"], s["slots"], s["outlets"]) == ("station", "/", 4, 0)
+    assert (s["kind"], s["root"], s["slots"], s["outlets"]) == ("station", "/data", 4, 0)
     assert s["i2c"] == [[0, 22, 21, 100000]]
     assert s["adc_atten"] == [[34, 3], [35, 3], [36, 3], [39, 3]]  # ADC.ATTN_11DB
 

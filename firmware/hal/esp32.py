@@ -375,7 +375,9 @@ def _expanders_safe(board, exps):
 class HW:
     def __init__(self, board):
         self.kind = board["kind"]
-        self.root = "/"
+        # the board's data (log, permit store, registers) in a folder of its
+        # own: the modules sit at "/", and a /log folder would hide log.mpy
+        self.root = "/data"
         self.ticks_ms = time.ticks_ms
         self.ticks_diff = time.ticks_diff
         self.ticks_add = time.ticks_add

@@ -429,6 +429,11 @@ class Hardware:
         self.safe()
         raise SystemExit("sim reset")
 
+    async def follow_clock(self, p, sup):
+        """main.run's extra for a board on its own (main.main() on a
+        simulated board, voltgate sim): the world follows the real clock."""
+        await realtime(self.world)
+
     def safe(self):
         for s in self.slots:
             s.lock.off()

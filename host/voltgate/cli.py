@@ -24,7 +24,7 @@ exit codes:
 
 examples:
   voltgate build --out build/firmware     compile the board image tree (.mpy)
-  voltgate demo                           issue permits, verify them on MicroPython
+  voltgate demo                           broker, server, simulated fleet, narrated scenario
   voltgate boards validate                check every board file in boards/
   voltgate boards list --json             the board files, for scripts
 """
@@ -47,7 +47,7 @@ def cmd_build(args) -> int:
 def cmd_demo(args) -> int:
     from . import demo
 
-    return demo.run(firmware=Path(args.firmware) if args.firmware else None, out=Path(args.out))
+    return demo.run(firmware=Path(args.firmware) if args.firmware else None, out=Path(args.out), quick=args.quick)
 
 
 def _board_files(args) -> list:
@@ -168,15 +168,21 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="issue permits on the host and verify them inside MicroPython",
-        description="Issue permits with the host's COSE library and verify each one on the MicroPython "
-        "interpreter running the compiled board modules under the outlet's 64 KB heap budget. "
-        "Exits 1 if any verdict is not the expected one.",
-        epilog="example:\n  voltgate demo --out demo-run",
+        help="the whole mission on this machine: broker, server, four simulated boards, a narrated scenario",
+        description="Start a private Mosquitto and `voltgate server` (SQLite in the demo folder), provision two "
+        "4-slot stations and two 2-relay outlets through `voltgate provision` against simulated boards, run them "
+        "on the MicroPython unix port, and play a scenario: permits granted and refused, a battery rented at one "
+        "station and returned at the other, an outlet cut off from the broker that takes a permit offline and is "
+        "booked when its link comes back, forged and replayed permits refused, fees settled with points, the "
+        "ledger verified. Each step is checked; exits 1 at the first one that did not happen. Everything it "
+        "started is stopped at the end; the folder keeps the database and the logs.",
+        epilog="examples:\n  voltgate demo                            about 2 minutes, into demo-run/\n"
+        "  voltgate demo --quick --out /tmp/demo    the same steps with a 10 s outlet window",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--firmware", help="compiled board tree to run (default: build it into the demo folder)")
-    p.add_argument("--out", default="demo-run", help="folder for the demo's keystore and records (default: %(default)s)")
+    p.add_argument("--firmware", help="the compiled board tree (make firmware: build/firmware); the demo checks the boards hold exactly it")
+    p.add_argument("--out", default="demo-run", help="folder for the database, logs and board flash (default: %(default)s; replaced by the next run)")
+    p.add_argument("--quick", action="store_true", help="a shorter outlet window and faster pulls (what the tests run)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser(
@@ -246,6 +252,12 @@ def parser() -> argparse.ArgumentParser:
 
     _server_parser(sub)
     _operator_parsers(sub)
+    from . import cli_tech
+
+    cli_tech.register(sub)
+    if "sim" in sub.choices:  # `voltgate sim fleet` is parsed by fleet_parser() (main dispatches to it)
+        sim = sub.choices["sim"]
+        sim.epilog = (sim.epilog or "") + "\nA fleet of simulated boards with users, faults and link drops: voltgate sim fleet --help\n"
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
@@ -1035,8 +1047,101 @@ def _usage(p) -> int:
     return EXIT_USAGE
 
 
+# -- voltgate sim fleet (voltgate.fleet) -----------------------------------------------------------
+
+FLEET_EXAMPLES = """\
+examples:
+  voltgate sim fleet                                  2 stations, 2 outlets, 10x time, 60 s
+  voltgate sim fleet --stations 6 --outlets 4 --speed 30 --seconds 300 --out fleet-run
+  voltgate sim fleet --no-users --reading-s 10 --speed 20 --seconds 120
+                                                      readings only: a load test of the gateway
+
+The fleet runs its own private Mosquitto and the server's gateway (the board side of
+`voltgate server`: pulls, stores and books every record) on a SQLite file in --out, with
+the fleet's clock. Users arrive at random: they rent batteries and return them elsewhere
+with less (now and then more) charge, plug loads into outlets (some trip the outlet's
+limit), and a technician clears the faults that occur; boards lose their link now and
+then and come back. Ctrl-C stops it early; the summary follows either way.
+"""
+
+
+def fleet_parser() -> argparse.ArgumentParser:
+    from . import fleet
+
+    d = fleet.FleetOptions(out=Path("fleet-run"))
+    p = argparse.ArgumentParser(
+        prog="voltgate sim fleet",
+        description="Run N simulated boards (the firmware on the MicroPython unix port, hal.sim's physics) with a "
+        "broker and the server's gateway, and simulated users, faults and link drops; the clock may run faster "
+        "than real time.",
+        epilog=FLEET_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--stations", type=int, default=d.stations, help="4-slot stations (default: %(default)s)")
+    p.add_argument("--outlets", type=int, default=d.outlets, help="2-relay outlets (default: %(default)s)")
+    p.add_argument("--speed", type=int, default=d.speed, help="simulated seconds per real second, a whole number (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=d.seconds, help="real seconds to run; 0: until Ctrl-C (default: %(default)s)")
+    p.add_argument("--users", type=int, default=d.users, help="how many users (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed, for a run that goes the same way")
+    p.add_argument("--arrival", type=float, default=d.arrival_s, metavar="SECONDS", help="mean simulated time between users at one board (default: %(default)s)")
+    p.add_argument("--no-users", action="store_true", help="no users, faults or drops: the boards log readings, the gateway pulls")
+    p.add_argument("--no-faults", action="store_true", help="no faults")
+    p.add_argument("--no-drops", action="store_true", help="no link drops")
+    p.add_argument("--reading-s", type=int, help="the boards' reading interval, simulated seconds (stations 10-86400, outlets 5-3600; default: the firmware's 60)")
+    p.add_argument("--pull-interval", type=float, default=d.pull_s, metavar="SECONDS", help="the gateway pulls each board this often, real seconds (default: %(default)s)")
+    p.add_argument("--firmware", help="a `voltgate build` tree to run (default: built into the fleet folder)")
+    p.add_argument("--db", help="database URL (default: SQLite in the fleet folder)")
+    p.add_argument("--out", default="fleet-run", help="folder for the boards, broker, database and logs (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(fn=cmd_sim_fleet, command="sim fleet")
+    return p
+
+
+def cmd_sim_fleet(args) -> int:
+    from rich.console import Console
+
+    from . import fleet
+
+    console = Console(stderr=True, highlight=False)
+    o = fleet.FleetOptions(
+        out=Path(args.out), stations=args.stations, outlets=args.outlets, speed=args.speed, seconds=args.seconds or None,
+        users=args.users, seed=args.seed, behave=not args.no_users, faults=not args.no_faults, drops=not args.no_drops,
+        arrival_s=args.arrival, reading_s=args.reading_s, pull_s=args.pull_interval,
+        code=Path(args.firmware) if args.firmware else None, db=args.db,
+    )  # fmt: skip
+    f = fleet.Fleet(o, say=lambda text: console.print(text, soft_wrap=True))
+    summary = None
+    try:
+        f.start()
+        if not f.wait_online():
+            raise VoltgateError("not every board came online with a trusted clock within 60 s", f"see the consoles in {f.out / 'boards'}", EXIT_FAILURE)
+        console.print("every board is online and the gateway has set its clock; users start arriving" if o.behave else "every board is online")
+        try:
+            f.run(o.seconds)
+        except KeyboardInterrupt:
+            console.print("stopping")
+        summary = f.summary()
+    finally:
+        f.stop()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        s, srv = summary["fleet"], summary["server"]
+        print(f"{summary['boards']} boards at speed {summary['speed']}: rented {s['rented']}, returned {s['returned']}, outlet sessions {s['sessions']}, "
+              f"faults {s['faults']} (cleared {s['cleared']}), link drops {s['drops']}")  # fmt: skip
+        print(f"server: {summary['records_stored']} records stored in {summary['gateway']['pulls']} pulls ({summary['gateway']['failed_pulls']} failed); "
+              f"rentals {srv['rentals']} ({srv['rentals_closed']} closed), sessions {srv['sessions']} ({srv['sessions_ended']} ended); "
+              f"ledger {srv['ledger_entries']} entries, {'verifies' if srv['ledger_ok'] else 'DOES NOT VERIFY'}")  # fmt: skip
+        print(f"database {summary['database']}; boards, broker and logs in {f.out}")
+    return EXIT_OK if summary["server"]["ledger_ok"] else EXIT_FAILURE
+
+
 def main(argv=None) -> int:
-    ap = parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:2] == ["sim", "fleet"]:  # a subcommand of issue 7's `voltgate sim BOARD_FILE`, parsed on its own
+        ap, argv = fleet_parser(), argv[2:]
+    else:
+        ap = parser()
     args = ap.parse_args(argv)
     if not getattr(args, "fn", None):
         ap.print_help(sys.stderr)
