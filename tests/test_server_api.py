@@ -278,6 +278,22 @@ BAD = [
         "not_found",
         "no device 'ou-9'",
     ),
+    (
+        "post",
+        "/api/v1/energy",
+        {"user_id": "alice", "device_id": "ou-1", "direction": "taken", "energy_mwh": 1000, "start": 0, "end": 10**12, "ref": "x"},
+        422,
+        "invalid",
+        "end",
+    ),
+    (
+        "post",
+        "/api/v1/energy",
+        {"user_id": "alice", "device_id": "ou-1", "direction": "taken", "energy_mwh": 1000, "start": 0, "end": 400 * 86400, "ref": "x"},
+        422,
+        "invalid",
+        "at most 366 days",
+    ),
     ("post", "/api/v1/permits/00ff00ff00ff00ff/revoke", None, 404, "not_found", "no permit"),
     ("post", "/api/v1/users/carol/revoke", None, 404, "not_found", "no user 'carol'"),
     ("get", "/api/v1/users/carol/rentals", None, 404, "not_found", "no user 'carol'"),
@@ -286,6 +302,9 @@ BAD = [
     ("get", "/api/v1/readings?device=ou-9", None, 404, "not_found", "no device 'ou-9'"),
     ("get", "/api/v1/readings?type=sparkles", None, 422, "invalid", "unknown record type 'sparkles'"),
     ("get", "/api/v1/readings?since=-1", None, 422, "invalid", "since"),
+    ("get", "/api/v1/readings?since=" + "9" * 30, None, 422, "invalid", "since"),
+    ("get", "/api/v1/readings?index=" + "9" * 30, None, 422, "invalid", "index"),
+    ("get", "/api/v1/readings?type=" + "9" * 30, None, 422, "invalid", "unknown record type"),
 ]
 
 
@@ -319,4 +338,15 @@ def test_oversized_bodies_are_refused_with_413(server):
     # a body just under the limit is read as usual (and here refused for its content)
     r = server.client.post("/api/v1/permits", json=power(note="y" * 15_000))
     assert r.status_code == 422 and "note" in r.json()["detail"]
+    assert server.snapshot() == before
+
+
+def test_a_report_ref_books_once_and_never_for_someone_else(server):
+    body = {"user_id": "alice", "device_id": "ou-1", "direction": "taken", "energy_mwh": 1000, "start": NOW, "end": NOW + 60, "ref": "r-1"}
+    assert server.client.post("/api/v1/energy", json=body).status_code == 201
+    assert server.client.post("/api/v1/energy", json=body).status_code == 201  # the same report again: nothing new
+    before = server.snapshot()
+    for other in ({**body, "user_id": "bob"}, {**body, "energy_mwh": 2000}, {**body, "direction": "given"}):
+        r = server.client.post("/api/v1/energy", json=other)
+        assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
     assert server.snapshot() == before

@@ -241,3 +241,22 @@ def test_the_pull_position_rises_within_an_epoch_and_follows_a_new_log(factory):
     store.set_position(DEV, 5, EPOCH + 7)  # the board's log began again
     assert store.position(DEV) == (5, EPOCH + 7)
     assert store.position("ou-0002") is None
+
+
+def test_a_disabled_board_with_queued_revocations_stays_in_the_gateways_care(tmp_path):
+    from voltgate.server import gateway, services
+
+    url = f"sqlite:///{tmp_path / 'g.sqlite'}"
+    db.upgrade(url)
+    factory = db.sessions(db.engine(url))
+    with db.transaction(factory) as s:
+        services.add_device(s, "ou-1", site_id="n", kind="outlet", board="sim-outlet-2", outlets=2)
+        services.add_device(s, "ou-2", site_id="n", kind="outlet", board="sim-outlet-2", outlets=2)
+        services.add_user(s, "u1")
+        services.set_device_enabled(s, "ou-1", False)
+        services.set_device_enabled(s, "ou-2", False)
+        s.add(models.PendingCommand(device_id="ou-1", type=wire.MSG_REVOKE, body={"sub": "u1", "until": 1}, created=1))
+    gw = gateway.Gateway(factory, bytes(32), port=9)  # not started: refresh() reads the registry only
+    gw.refresh()
+    # ou-1 is disabled but a revocation waits for it; ou-2 has nothing to receive
+    assert gw.devices == ["ou-1"]

@@ -205,6 +205,14 @@ def test_energy_is_spread_over_the_local_hours_it_took():
         domain.energy_cost([DAY], Policy(), 0, 1, -1)
 
 
+def test_long_or_impossible_windows_are_priced_with_bounded_work():
+    # whole days priced as one day times their number: a year costs what 365 days do
+    day = domain.energy_cost([DAY, NIGHT], Policy(), 0, 86400, 24_000_000)
+    assert domain.energy_cost([DAY, NIGHT], Policy(), 0, 365 * 86400, 365 * 24_000_000) == 365 * day
+    # a board clock far off (before 1970, after 2106) is clamped, not an error
+    assert domain.energy_cost([DAY], Policy(), -5, 10**15, 1_000_000) >= 0
+
+
 def test_hour_pieces_follow_daylight_saving_time():
     tz = ZoneInfo("Europe/Berlin")
     start = int(datetime(2026, 3, 29, 0, 30, tzinfo=tz).timestamp())  # clocks jump 02:00 -> 03:00

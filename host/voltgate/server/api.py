@@ -108,14 +108,16 @@ class EnergyReport(BaseModel):
     device_id: str = Field(pattern=keys.DEVICE_ID_RE.pattern)
     direction: Literal["taken", "given"]
     energy_mwh: int = Field(ge=0, le=2**53, description="mWh, never negative: direction says which way")
-    start: int = Field(ge=0)
-    end: int = Field(ge=0)
+    start: int = Field(ge=0, le=2**32 - 1)
+    end: int = Field(ge=0, le=2**32 - 1)
     ref: str = Field(min_length=1, max_length=64, description="the report's id; repeating it books nothing twice")
 
     @model_validator(mode="after")
     def _order(self):
         if self.end < self.start:
             raise ValueError("end must not be before start")
+        if self.end - self.start > 366 * 86400:
+            raise ValueError("a report covers at most 366 days")
         return self
 
 
@@ -379,8 +381,8 @@ def _types(names: list[str] | None) -> list[int] | None:
     for n in names:
         for part in n.split(","):
             part = part.strip()
-            if part.isdigit():
-                out.append(int(part))
+            if part.isdigit() and len(part) <= 3:
+                out.append(int(part))  # record types are 1..95
             elif part in by_name:
                 out.append(by_name[part])
             else:
@@ -423,6 +425,8 @@ def create_app(session_factory, master: bytes, *, now: Callable[[], float] = tim
             return JSONResponse({"detail": detail, "code": "not_found"}, status_code=404)
         if isinstance(exc, services.Invalid):
             return JSONResponse({"detail": detail, "code": "invalid"}, status_code=422)
+        if isinstance(exc, services.Conflict):
+            return JSONResponse({"detail": detail, "code": "conflict"}, status_code=409)
         return JSONResponse({"detail": detail, "code": "error"}, status_code=400)
 
     @app.get("/health", tags=["server"], summary="the server answers")
@@ -561,8 +565,8 @@ def create_app(session_factory, master: bytes, *, now: Callable[[], float] = tim
     @app.get(f"{PREFIX}/alarms", response_model=list[RecordOut], tags=["operator"], summary="LOG_ALARM records")
     def alarms(
         device: str | None = None,
-        since: int | None = Query(None, ge=0),
-        until: int | None = Query(None, ge=0),
+        since: int | None = Query(None, ge=0, le=2**63 - 1),
+        until: int | None = Query(None, ge=0, le=2**63 - 1),
         limit: int = Query(1000, ge=1, le=100000),
     ):
         with transaction(session_factory) as s:
@@ -574,11 +578,11 @@ def create_app(session_factory, master: bytes, *, now: Callable[[], float] = tim
              responses={200: {"content": {"application/json": {}, "text/csv": {}}}})  # fmt: skip
     def get_readings(
         device: str | None = None,
-        index: int | None = Query(None, ge=0, description="slot or outlet"),
+        index: int | None = Query(None, ge=0, le=2**31 - 1, description="slot or outlet"),
         battery: str | None = Query(None, pattern=_HEX),
         type: list[str] | None = Query(None, description="record types: numbers or names (slot_reading, alarm, battery_out ...)"),
-        since: int | None = Query(None, ge=0),
-        until: int | None = Query(None, ge=0),
+        since: int | None = Query(None, ge=0, le=2**63 - 1),
+        until: int | None = Query(None, ge=0, le=2**63 - 1),
         limit: int = Query(1000, ge=1, le=100000),
         format: Literal["json", "csv"] = "json",
     ):

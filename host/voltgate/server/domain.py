@@ -402,6 +402,11 @@ def rate_at(tariffs: Sequence[Tariff], hour: int, default: int) -> int:
     return best.cents_per_kwh if best is not None else default
 
 
+MAX_TS = 2**32 - 1  # Unix seconds the boards can count (u32), year 2106
+MAX_WINDOW_S = 366 * 86400  # the longest flow a report may price
+_DAY = 86400
+
+
 def _hours(start: int, end: int, tz: ZoneInfo):
     """(local hour, seconds) pieces of [start, end), cut at local hour boundaries."""
     t = start
@@ -419,10 +424,22 @@ def energy_cost(tariffs: Sequence[Tariff], policy: Policy, start: int, end: int,
         raise ValueError("energy must not be negative")
     tz = zone(policy.timezone)
     d = policy.default_cents_per_kwh
+    # a board's clock may be wrong: times outside what a board can count are
+    # clamped, and long windows priced by whole days (bounded work)
+    start = min(max(int(start), 0), MAX_TS)
+    end = min(max(int(end), 0), MAX_TS)
     if end <= start:
         num, den = mwh * rate_at(tariffs, datetime.fromtimestamp(start, tz).hour, d), 1_000_000
     else:
-        weighted = sum(secs * rate_at(tariffs, hour, d) for hour, secs in _hours(start, end, tz))
+        days, _ = divmod(end - start, _DAY)
+        weighted = 0
+        if days > 1:
+            day = sum(secs * rate_at(tariffs, hour, d) for hour, secs in _hours(start, start + _DAY, tz))
+            weighted = day * days
+            start_rest = start + days * _DAY
+        else:
+            start_rest = start
+        weighted += sum(secs * rate_at(tariffs, hour, d) for hour, secs in _hours(start_rest, end, tz))
         num, den = mwh * weighted, (end - start) * 1_000_000
     return (num + den // 2) // den
 

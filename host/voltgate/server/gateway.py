@@ -180,10 +180,14 @@ class Gateway:
     # -- the registry
 
     def refresh(self) -> None:
-        """Reload the enabled devices; pull those with queued commands."""
+        """Reload the devices: the enabled ones, and disabled ones with queued
+        commands (a disabled board is still powered in the field: its
+        revocations must reach it); pull those with queued commands."""
         with self._factory() as s:
-            rows = s.execute(select(Device.id, Device.site_id, Device.key_version).where(Device.enabled.is_(True))).all()
             waiting = set(s.scalars(select(PendingCommand.device_id).where(PendingCommand.done_at.is_(None)).distinct()))
+            rows = s.execute(
+                select(Device.id, Device.site_id, Device.key_version).where(Device.enabled.is_(True) | Device.id.in_(waiting))
+            ).all()
         devices = {d: _Dev(site, ver) for d, site, ver in rows}
         with self._lock:
             gone = set(self._devices) - set(devices)

@@ -78,6 +78,13 @@ class Invalid(VoltgateError):
         super().__init__(problem, hint, EXIT_USAGE)
 
 
+class Conflict(VoltgateError):
+    """A request that repeats an earlier one's id with other contents (HTTP 409)."""
+
+    def __init__(self, problem: str, hint: str | None = None):
+        super().__init__(problem, hint, EXIT_USAGE)
+
+
 class Refused(VoltgateError):
     """A permit request that fails an approval condition: code is
     domain's stable code, the message says why in words."""
@@ -542,6 +549,8 @@ def ledger_append(
         raise Invalid("energy must not be negative", "the kind says its direction")
     existing = s.scalar(select(LedgerEntry).where(LedgerEntry.kind == kind, LedgerEntry.ref == ref))
     if existing is not None:
+        if (existing.user_id, existing.energy_mwh, existing.amount, existing.points) != (user_id, energy_mwh, amount, points):
+            raise Conflict(f"ledger ref {ref!r} was booked already with other contents", "use a new ref")
         return existing
     user(s, user_id)
     last = s.scalar(select(LedgerEntry).order_by(LedgerEntry.seq.desc()).limit(1))
@@ -667,8 +676,13 @@ def record_energy(s: DB, *, user_id: str, device_id: str, direction: str, energy
         raise Invalid("energy must not be negative", "direction says which way it flowed")
     if end < start:
         raise Invalid("the flow ends before it starts")
+    if end - start > domain.MAX_WINDOW_S or end > domain.MAX_TS:
+        raise Invalid("the flow's window is too long or too far ahead", f"at most {domain.MAX_WINDOW_S // 86400} days, before 2106")
     device(s, device_id)
     user(s, user_id)
+    other = "energy_given" if direction == "taken" else "energy_taken"
+    if s.scalar(select(LedgerEntry.seq).where(LedgerEntry.kind == other, LedgerEntry.ref == f"report:{device_id}:{ref}")) is not None:
+        raise Conflict(f"report {ref!r} was booked already the other way", "use a new ref")
     policy = load_policy(s)
     if direction == "taken":
         cost = domain.energy_cost(_tariffs(s), policy, start, end, energy_mwh)
