@@ -257,6 +257,7 @@ BAD = [
     ("post", "/api/v1/permits", power(duration_s=13 * H), 422, "window_too_long", "at most 12 h"),
     ("post", "/api/v1/permits", power(max_wh=-5), 422, "invalid", "max_wh: Input should be greater than or equal to 0"),
     ("post", "/api/v1/permits", power(scope=[7]), 422, "out_of_scope", "no outlet 7"),
+    ("post", "/api/v1/permits", power(scope=[0, 0]), 422, "invalid", "scope names an index twice"),
     ("post", "/api/v1/permits", power(action="fly"), 422, "invalid", "action"),
     ("post", "/api/v1/permits", power(device_id="a/b"), 422, "invalid", "device_id"),
     ("post", "/api/v1/permits", power(colour="red"), 422, "invalid", "colour: Extra inputs are not permitted"),

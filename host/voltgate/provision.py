@@ -564,18 +564,19 @@ def _read_file(path: Path, what: str) -> bytes:
         raise VoltgateError(f"cannot read the {what} {path}: {e.strerror}", None, EXIT_USAGE) from None
 
 
-def _outside_tree(path: Path) -> None:
+def _outside_tree(path: Path, what: str = "keystore") -> None:
     try:
         root = tree.root().resolve()
     except VoltgateError:
         return
     p = path.resolve()
     if p == root or root in p.parents:
-        raise VoltgateError(
-            f"the keystore {path} is inside the source tree {root}",
-            "keep the master secret out of the repository: e.g. --keystore ~/.voltgate/master.key (or VOLTGATE_KEYSTORE)",
-            EXIT_USAGE,
+        hint = (
+            "keep the master secret out of the repository: e.g. --keystore ~/.voltgate/master.key (or VOLTGATE_KEYSTORE)"
+            if what == "keystore"
+            else "it holds the server's broker password: keep it out of the repository, e.g. --broker-dir /etc/voltgate/broker"
         )
+        raise VoltgateError(f"the {what} {path} is inside the source tree {root}", hint, EXIT_USAGE)
 
 
 def _fw_version() -> str | None:
@@ -662,6 +663,7 @@ def _write_broker(o: Options, master: bytes) -> bool:
     from .server.bootstrap import host_port
 
     d = Path(o.broker_dir)
+    _outside_tree(d, "broker folder")  # the server's password and the boards' password hashes
     d.mkdir(parents=True, exist_ok=True)
     pw_file = d / "server-password"
     if pw_file.exists():

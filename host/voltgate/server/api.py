@@ -96,6 +96,8 @@ class PermitRequest(BaseModel):
             raise ValueError("end must be after start")
         if self.scope is not None and any(i < 0 or i >= wire.MAX_SCOPE for i in self.scope):
             raise ValueError(f"scope indexes are 0..{wire.MAX_SCOPE - 1}")
+        if self.scope is not None and len(set(self.scope)) != len(self.scope):
+            raise ValueError("scope names an index twice")
         return self
 
 
