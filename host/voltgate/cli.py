@@ -1100,7 +1100,7 @@ def fleet_parser() -> argparse.ArgumentParser:
 def cmd_sim_fleet(args) -> int:
     from rich.console import Console
 
-    from . import fleet
+    from . import fleet, simrun
 
     console = Console(stderr=True, highlight=False)
     o = fleet.FleetOptions(
@@ -1110,19 +1110,22 @@ def cmd_sim_fleet(args) -> int:
         code=Path(args.firmware) if args.firmware else None, db=args.db,
     )  # fmt: skip
     f = fleet.Fleet(o, say=lambda text: console.print(text, soft_wrap=True))
-    summary = None
-    try:
-        f.start()
-        if not f.wait_online():
-            raise VoltgateError("not every board came online with a trusted clock within 60 s", f"see the consoles in {f.out / 'boards'}", EXIT_FAILURE)
-        console.print("every board is online and the gateway has set its clock; users start arriving" if o.behave else "every board is online")
+    with simrun.Closer():  # SIGTERM stops the fleet as Ctrl-C does
         try:
-            f.run(o.seconds)
-        except KeyboardInterrupt:
-            console.print("stopping")
-        summary = f.summary()
-    finally:
-        f.stop()
+            f.start()
+            if not f.wait_online():
+                raise VoltgateError("not every board came online with a trusted clock within 60 s", f"see the consoles in {f.out / 'boards'}", EXIT_FAILURE)
+            console.print("every board is online and the gateway has set its clock" + ("; users start arriving" if o.behave else ""))
+            try:
+                f.run(o.seconds)
+            except KeyboardInterrupt:
+                console.print("stopping")
+            console.print("the gateway pulls every board once more")
+            if not f.settle():
+                console.print("[yellow]not every board's log reached the database (see logs/gateway.log)[/]")
+            summary = f.summary()
+        finally:
+            f.stop()
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
