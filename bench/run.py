@@ -331,7 +331,23 @@ def whole_board_rows(wb: dict) -> list[tuple]:
     return rows
 
 
+def json_baselines() -> dict:
+    """The same slot reading (slot 3, 3912 mV, 1450 mA, 27.5 °C, at a time)
+    as the JSON messages other systems send: an OCPP 1.6 MeterValues
+    request and a Tasmota-style SENSOR telemetry message (compact JSON)."""
+    ts = datetime.datetime.fromtimestamp(NOW, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ocpp = [2, "19223201", "MeterValues", {"connectorId": 3, "meterValue": [{"timestamp": ts, "sampledValue": [
+        {"value": "3.912", "measurand": "Voltage", "unit": "V"},
+        {"value": "1.450", "measurand": "Current.Import", "unit": "A"},
+        {"value": "27.5", "measurand": "Temperature", "unit": "Celsius"},
+    ]}]}]  # fmt: skip
+    tasmota = {"Time": ts[:-1], "Slot": 3, "ENERGY": {"Voltage": 3.912, "Current": 1.450}, "Temperature": 27.5, "TempUnit": "C"}
+    dumps = lambda o: json.dumps(o, separators=(",", ":"))  # noqa: E731
+    return {"ocpp": len(dumps(ocpp)), "tasmota": len(dumps(tasmota))}
+
+
 def flash_log_rows(m: dict) -> list[tuple]:
+    js = json_baselines()
     return [
         (
             "log append, one reading (write + flush)",
@@ -360,7 +376,8 @@ def flash_log_rows(m: dict) -> list[tuple]:
             "reading record in the log (4 ints)",
             f"{m['frame']} B",
             "≤ 32 B",
-            f"{m['bytes_per_reading']:.2f} B with segment headers; largest 4-int reading {m['largest_reading']} B",
+            f"{m['bytes_per_reading']:.2f} B with segment headers; largest 4-int reading {m['largest_reading']} B; the same reading as JSON: "
+            f"OCPP 1.6 MeterValues {js['ocpp']} B ({js['ocpp'] / m['frame']:.0f}×), Tasmota-style SENSOR {js['tasmota']} B ({js['tasmota'] / m['frame']:.1f}×)",
             status(m["largest_reading"] <= 32),
         ),
         (
