@@ -5,15 +5,13 @@ that can pull the cable, and running `voltgate` in-process."""
 from __future__ import annotations
 
 import select
-import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from voltgate import broker, cli
+from voltgate import broker, cli, simrun
 
 BIN = Path(sys.executable).parent
 
@@ -77,68 +75,18 @@ def esp_image(path: Path, chip: str = "esp32") -> Path:
     return path
 
 
-class Proxy:
-    """127.0.0.1:<port> -> upstream, for one client at a time; cut() closes
-    both ends (the cable pulled). TCP_NODELAY on both sides, as the host's
-    and the simulator's own sockets have."""
+class Proxy(simrun.Cable):
+    """127.0.0.1:<port> -> the simulator's REPL port: simrun.Cable, whose
+    cut() here closes the connections and takes new ones again at once
+    (a cable pulled and plugged back in)."""
 
     def __init__(self, upstream_port: int):
-        self.upstream = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        super().__init__(("127.0.0.1", upstream_port))
         self.url = f"socket://127.0.0.1:{self.port}"
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.listener.accept()
-            except OSError:
-                return
-            u = socket.create_connection(("127.0.0.1", self.upstream))
-            for s in (c, u):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._socks += [c, u]
-            for a, b in ((c, u), (u, c)):
-                t = threading.Thread(target=self._pipe, args=(a, b), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while True:
-                d = a.recv(65536)
-                if not d:
-                    break
-                b.sendall(d)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def cut(self) -> None:
-        with self._lock:
-            socks, self._socks = self._socks, []
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
-        for t in self._threads:
-            t.join(5)
+        super().cut()
+        self.restore()
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -350,8 +350,9 @@ def _in_db(args, work):
         eng.dispose()
 
 
-def _when(text: str | None, tz_name: str, what: str) -> int | None:
-    """Unix seconds, or an ISO 8601 time (local in the server's timezone when it has no offset)."""
+def _when(text: str | None, tz_name: str | None, what: str) -> int | None:
+    """Unix seconds, or an ISO 8601 time; without an offset it is local time
+    in tz_name (the server's timezone), or this computer's when None."""
     if text is None:
         return None
     if text.isdigit():
@@ -364,7 +365,7 @@ def _when(text: str | None, tz_name: str, what: str) -> int | None:
     except ValueError:
         raise VoltgateError(f"bad {what} {text!r}", "Unix seconds or ISO 8601, e.g. 2026-05-01T18:00", EXIT_USAGE) from None
     if t.tzinfo is None:
-        t = t.replace(tzinfo=ZoneInfo(tz_name))
+        t = t.replace(tzinfo=ZoneInfo(tz_name)) if tz_name else t.astimezone()
     return int(t.timestamp())
 
 

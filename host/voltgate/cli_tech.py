@@ -40,20 +40,10 @@ def _iso(t) -> str:
 
 
 def _when(text: str | None, what: str) -> int | None:
-    """Unix seconds, or ISO 8601 (local time when it has no offset)."""
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    from datetime import datetime
+    """Unix seconds, or ISO 8601 (this computer's local time when it has no offset)."""
+    from .cli import _when as when
 
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        raise VoltgateError(f"bad {what} {text!r}", "Unix seconds or ISO 8601, e.g. 2026-05-01T18:00", EXIT_USAGE) from None
-    if t.tzinfo is None:
-        t = t.astimezone()
-    return int(t.timestamp())
+    return when(text, None, what)
 
 
 def _span(text: str) -> int:
