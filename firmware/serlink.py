@@ -79,6 +79,7 @@ class Console:
         poll.register(s, select.POLLIN)
         r = asyncio.StreamReader(s)
         while await r.readinto(one):  # 0: the stream closed
+            self._rx_at = self._hw.ticks_ms()  # once per burst, not per byte
             self._byte(one)
             n = _BURST
             while _waiting(poll) and s.readinto(one):
@@ -90,7 +91,6 @@ class Console:
 
     def _byte(self, one):
         if self.linked:
-            self._rx_at = self._hw.ticks_ms()
             for m in self._dfr.feed(one):
                 self._frame(m)
             return
