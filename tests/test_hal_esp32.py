@@ -223,6 +223,23 @@ def test_every_esp32_board_file_builds(seen, name):
     assert got["on"] and all(got["on"]) and not any(got["safe"])
 
 
+def test_only_the_drivers_a_board_file_names_are_loaded(seen):
+    """Loaded code lives in the heap: an outlet without expanders, smart
+    batteries, 1-Wire or an RTC chip carries none of their drivers."""
+    for name, board in ESP32_BOARDS.items():
+        want = set()
+        if board.get("expanders"):
+            want.add("hal.mcp23017")
+        if board.get("rtc"):
+            want.add("hal.ds3231")
+        if any(b["type"] == "onewire" for b in board.get("buses", {}).values()):
+            want.add("onewire")
+        if any("bms" in s.get("identity", {}) for s in board.get("slots", ())):
+            want.add("hal.sbs")
+        assert set(seen["drivers"][name]) == want, name
+    assert seen["drivers"]["outlet-2-devkitc"] == []
+
+
 def test_expander_pins_follow_the_board_file(seen):
     s = seen["station"]
     outputs = {2, 3, 6, 7, 10, 11, 14, 15}  # lock and charger of each slot

@@ -12,11 +12,18 @@ from errno import EIO, ENOENT
 
 import esp32
 import machine
-import onewire
 from machine import ADC, I2C, Pin
 from micropython import const
 
-from hal import ds3231, mcp23017, sbs
+# The part drivers (onewire, hal.ds3231, hal.mcp23017, hal.sbs) are imported
+# where the board file names such a part, not here: loaded code lives in the
+# heap, and a board without expanders, smart batteries or an RTC chip (an
+# outlet) would carry ~9 KB of drivers it never calls.
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for the stub check only (tests/test_hal_esp32.py)
+    import onewire
+
+    from hal import ds3231, mcp23017, sbs
 
 # Analog inputs: ADC1 at 11 dB attenuation (0 .. ~3.1 V)
 _RAIL_LO = const(64)  # read_u16() at or below: input at 0 V
@@ -391,10 +398,14 @@ class HW:
             if b["type"] == "i2c":
                 self._i2c[name] = I2C(b["id"], scl=Pin(b["scl"]), sda=Pin(b["sda"]), freq=b.get("freq", 400000))
             else:
+                import onewire
+
                 self._ow[name] = onewire.OneWire(Pin(b["pin"]))
         self._exps = {}
         err = None
         for name, e in board.get("expanders", {}).items():
+            from hal import mcp23017
+
             try:
                 self._exps[name] = mcp23017.MCP23017(self._i2c[e["bus"]], e["addr"])
             except OSError as x:
@@ -415,7 +426,11 @@ class HW:
         self.wdt = Watchdog()
         self.rtc = Rtc()
         r = board.get("rtc")
-        self.ext_rtc = ExtRtc(ds3231.DS3231(self._i2c[r["bus"]], r["addr"])) if r else None
+        self.ext_rtc = None
+        if r:
+            from hal import ds3231
+
+            self.ext_rtc = ExtRtc(ds3231.DS3231(self._i2c[r["bus"]], r["addr"]))
         self.store = Store()
 
     def safe(self):
@@ -434,6 +449,8 @@ class HW:
         if "expander" in spec:
             chip = self._exps[spec["expander"]]
             chip.output(spec["pin"], off)
+            from hal import mcp23017
+
             out = Out(mcp23017.Pin(chip, spec["pin"]), off)
         else:
             out = Out(Pin(spec["pin"], Pin.OUT, value=off), off)
@@ -444,6 +461,8 @@ class HW:
         if "expander" in spec:
             chip = self._exps[spec["expander"]]
             chip.input(spec["pin"])
+            from hal import mcp23017
+
             return In(mcp23017.Pin(chip, spec["pin"]), spec.get("active_low"))
         return In(Pin(spec["pin"], Pin.IN), spec.get("active_low"))
 
@@ -451,6 +470,8 @@ class HW:
         ident = s.get("identity")
         bms = None
         if ident and "bms" in ident:
+            from hal import sbs
+
             b = ident["bms"]
             mux = None
             if "mux" in b:
@@ -472,6 +493,8 @@ class HW:
     def _mux(self, bus, addr):
         key = (bus, addr)
         if key not in self._muxes:
+            from hal import sbs
+
             self._muxes[key] = sbs.Mux(self._i2c[bus], addr)
         return self._muxes[key]
 

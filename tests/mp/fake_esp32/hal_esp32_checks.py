@@ -309,9 +309,35 @@ def any_board(board):
     return {"kind": hw.kind, "slots": len(hw.slots), "outlets": len(hw.outlets), "on": on, "safe": [o.value() for o in outs]}
 
 
+DRIVERS = ("onewire", "hal.ds3231", "hal.mcp23017", "hal.sbs")
+
+
+def drivers(board):
+    """The part drivers a board file makes hal.esp32 load (each costs heap)."""
+    import sys
+
+    import hal
+
+    had = {}
+    for m in DRIVERS:
+        if m in sys.modules:
+            had[m] = sys.modules.pop(m)
+        if m.startswith("hal.") and hasattr(hal, m[4:]):
+            delattr(hal, m[4:])  # else "from hal import x" finds it there
+    try:
+        any_board(board)
+        return [m for m in DRIVERS if m in sys.modules]
+    finally:  # the other checks hold the first modules (the fakes' state)
+        for m, mod in had.items():
+            sys.modules[m] = mod
+            if m.startswith("hal."):
+                setattr(hal, m[4:], mod)
+
+
 def run(boards):
     return {
         "files": {name: any_board(b) for name, b in boards["files"].items()},
+        "drivers": {name: drivers(b) for name, b in boards["files"].items()},
         "station": station(boards["station"]),
         "missing": {hex(a): missing(boards["station"], a) for a in (MCP, MUX, DS3231)},
         "not_mcp": not_mcp(boards["station"]),
