@@ -398,7 +398,7 @@ def whole_board_rows(wb: dict, words: dict | None) -> list[tuple]:
                 f"{name}, the same with its code in a ROMFS image: heap besides the image",
                 f"{rom['live'] - rom['image']} B",
                 f"< {budget} B",
-                f"image {rom['image']} B (held in the heap here: live {rom['live']} B); {(m['live'] - rom['live'] + rom['image']) / 1024:.0f} KB of bytecode left in flash",
+                f"image {rom['image']} B (held in the heap here: live {rom['live']} B); {(m['live'] - rom['live'] + rom['image']) / 1024:.0f} KB less than with the code loaded into the heap",
                 status(rom["live"] - rom["image"] < budget),
             )
         )
@@ -643,8 +643,8 @@ def main(argv=None) -> int:
         "60 s of simulated time. **Both budgets are missed, by about half again (station)",
         "and more than double (outlet).** Where it goes, measured on this port: loaded code",
         "~105 KB (about 100 B per function object and its raw code, plus the bytecode; the",
-        "simulated hardware alone ~17 KB; the real `hal/esp32.py` ~24 KB for an outlet board,",
-        "~32 KB with a station's drivers), data ~35 KB (log segment buffer, permit tables,",
+        "simulated hardware alone ~17 KB; the real `hal/esp32.py` ~24 KB with an outlet board",
+        "file, ~32 KB when it loaded every part driver), data ~35 KB (log segment buffer, permit tables,",
         "frame and line buffers, tasks).",
         "",
         "Two ways out were measured, and neither is enough. *Code in flash*: the same board",
