@@ -11,15 +11,14 @@ import socket
 import threading
 import time
 
-import cbor2
 import httpx
 import pytest
 import qrcode
 from PIL import Image
 from sqlalchemy import select
 from voltgate import keys, messages, permits, wire
-from voltgate.server import api, db, domain, models, services
-from voltgate.server.models import LogRecord
+from voltgate.server import api, db, models, services
+from voltgate.server.store import ServerRecordStore
 
 NOW = 1_768_467_600  # 2026-01-15 09:00 UTC
 H = 3600
@@ -36,21 +35,7 @@ class Server:
             return {t.name: sorted(tuple(map(repr, row)) for row in s.execute(select(t))) for t in models.Base.metadata.sorted_tables}
 
     def feed(self, device, records):
-        with db.transaction(self.factory) as s:
-            for r in records:
-                s.add(
-                    LogRecord(
-                        device_id=device,
-                        epoch=r.epoch,
-                        seq=r.seq,
-                        ts=r.ts,
-                        type=r.type,
-                        body=cbor2.dumps(r.body),
-                        index=domain.record_index(r.type, r.body),
-                    )
-                )
-            s.flush()
-            services.process_records(s, device, records)
+        ServerRecordStore(self.factory).add(device, records)
 
 
 @pytest.fixture

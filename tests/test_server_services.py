@@ -10,12 +10,12 @@ import os
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-import cbor2
 import pytest
 from sqlalchemy import delete, func, select, update
 from voltgate import keys, messages, permits, wire
-from voltgate.server import db, domain, models, services
-from voltgate.server.models import Battery, LedgerEntry, LogRecord, Outlet, PendingCommand, Permit, Rental, Session, Slot, User
+from voltgate.server import db, models, services
+from voltgate.server.models import Battery, LedgerEntry, Outlet, PendingCommand, Permit, Rental, Session, Slot, User
+from voltgate.server.store import ServerRecordStore
 
 NOW = 1_768_467_600  # 2026-01-15 09:00 UTC
 H = 3600
@@ -73,25 +73,8 @@ class Board:
 
 
 def feed(factory, device, *records):
-    """What the ingest does: store each record once, then process the new ones in the same transaction."""
-    with db.transaction(factory) as s:
-        new = []
-        for r in records:
-            if s.get(LogRecord, (device, r.epoch, r.seq)) is None:
-                s.add(
-                    LogRecord(
-                        device_id=device,
-                        epoch=r.epoch,
-                        seq=r.seq,
-                        ts=r.ts,
-                        type=r.type,
-                        body=cbor2.dumps(r.body),
-                        index=domain.record_index(r.type, r.body),
-                    )
-                )
-                new.append(r)
-        s.flush()
-        services.process_records(s, device, new)
+    """The server's ingest: store each record once, process the new ones in the same transaction."""
+    ServerRecordStore(factory).add(device, records)
 
 
 def snapshot(factory):
