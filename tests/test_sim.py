@@ -64,3 +64,11 @@ def test_meter_counts_energy_only_while_the_relay_conducts(mp_worker, outlet_boa
 
 def test_watchdog_fires_only_when_not_fed(mp_worker, tmp_path):
     assert mp_worker.call("sim_checks", "watchdog", STATION, str(tmp_path)) == [False, True]
+
+
+def test_a_board_loads_the_simulation_of_its_own_kind_only(mp_worker, outlet_board, tmp_path):
+    """Loaded code lives in the heap, and the whole-board heap figures
+    (bench/) run on this simulator: a station carries no outlet models and
+    an outlet no battery physics."""
+    assert mp_worker.call("sim_checks", "kind_modules", STATION, str(tmp_path / "s")) == ["hal.sim_slots"]
+    assert mp_worker.call("sim_checks", "kind_modules", outlet_board, str(tmp_path / "o")) == ["hal.sim_outlets"]

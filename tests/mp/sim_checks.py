@@ -77,3 +77,20 @@ def watchdog(board_path, root):
     fed = world.wdt_fired
     world.advance(1000)
     return [fed, world.wdt_fired]
+
+
+def kind_modules(board_path, root):
+    """The hal.sim submodules building a board's hardware loads. This worker
+    may have loaded them for another board: they are taken out of
+    sys.modules first and put back after."""
+    import sys
+
+    names = ("hal.sim_slots", "hal.sim_outlets")
+    old = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    try:
+        _hw(board_path, root)
+        return sorted(n for n in names if n in sys.modules)
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(old)
