@@ -57,7 +57,10 @@ class Console:
         self._in = inp or sys.stdin.buffer
         self._out = out or sys.stdout.buffer
         self._dfr = framing.Deframer()
-        self._line = bytearray(present.MAX_LINE + 1)  # one more: "too long"
+        # a text line lives in the Deframer's buffer: lines and frames take
+        # turns (a 0x00 resets the Deframer before it collects a frame), so
+        # they need one buffer between them, not two (1 KB less heap)
+        self._line = memoryview(self._dfr.buf)[: present.MAX_LINE + 1]  # one more: "too long"
         self._n = 0
         self._one = bytearray(1)
         self.linked = False
@@ -113,7 +116,7 @@ class Console:
         n = self._n
         self._n = 0
         try:
-            a = str(memoryview(self._line)[:n], "utf-8")
+            a = str(self._line[:n], "utf-8")
         except ValueError:  # UnicodeError: noise, not a line
             a = None
         a = "error not text" if a is None else self._pr.line(a)

@@ -95,7 +95,11 @@ class Deframer:
     def __init__(self, max_payload=wire.MAX_FRAME):
         self.max_payload = max_payload
         self._cap = max_encoded(max_payload) - 2
-        self._buf = bytearray(self._cap)
+        # buf: the frame collected so far. Between frames (after reset(),
+        # until the next byte is fed) it holds nothing the Deframer needs, so
+        # a caller that reads something else in turn with frames (serlink.py's
+        # text lines) may use it instead of a buffer of its own.
+        self.buf = self._buf = bytearray(self._cap)
         self._n = 0
         self._skip = False
         self.frames = 0

@@ -257,6 +257,59 @@ def test_socket_urls_and_text_between_frames(tmp_path):
         srv.close()
 
 
+CONSOLE_TURNS = r"""
+import asyncio
+import serlink
+from vgemit import emit
+
+class Hw:
+    def ticks_ms(self):
+        return 0
+
+    def ticks_diff(self, a, b):
+        return a - b
+
+    async def sleep_ms(self, ms):
+        await asyncio.sleep_ms(ms)
+
+class Sys:
+    hw = Hw()
+
+class Link:
+    p = Sys()
+    app = None
+    outbox = []
+    frames = []
+
+    def handle(self, m):
+        self.frames.append(m.hex())
+        return None
+
+class Out:
+    text = b""
+
+    def write(self, b):
+        self.text += b
+
+lk = Link()
+out = Out()
+asyncio.run(serlink.Console(lk, out=out).run(None))  # until stdin ends
+emit({"frames": lk.frames, "text": out.text.decode()})
+"""
+
+
+def test_text_lines_and_frames_take_turns_in_one_buffer(mp):
+    """A text line is collected in the Deframer's buffer (serlink.py): a
+    line too long, a short one, then a frame, each read whole; the bytes a
+    line left there do not reach the frame."""
+    frame = framing.encode(b"hi5")  # no byte above 0x7f: stdin is text here
+    assert max(frame) < 0x80
+    stream = "B" * 1100 + "\n" + "hello\n" + frame.decode()
+    r = mp.run(code=CONSOLE_TURNS, compiled=True, heapsize=64 * 1024, stdin=stream).record
+    assert r["text"] == "error line too long\r\nerror expected: present <hex or base64url token>\r\n"
+    assert r["frames"] == [b"hi5".hex()]
+
+
 CONSOLE_ALLOC = r"""
 import asyncio, gc, micropython
 import serlink
