@@ -28,7 +28,7 @@ from voltgate import build, mpy, tree
 
 ROOT = tree.root()
 HAL = tree.firmware_dir() / "hal"
-HAL_FILES = ["esp32.py", "mcp23017.py", "sbs.py", "ds3231.py"]
+HAL_FILES = ["esp32.py", "esp32_slots.py", "esp32_outlets.py", "mcp23017.py", "sbs.py", "ds3231.py"]
 FAKES = ROOT / "tests" / "mp" / "fake_esp32"
 STUB_DISTS = ("micropython-esp32-stubs", "micropython-stdlib-stubs")
 
@@ -128,8 +128,8 @@ MUTATIONS = [
     ("ds3231.py", "self._i2c.readfrom_mem_into(self.addr, reg, buf)", "self._i2c.readfrom_mem_into(self.addr, reg, buf, 8)", "Too many"),
     ("esp32.py", "self._wdt.feed()", "self._wdt.fed()", '"WDT" has no attribute "fed"'),
     ("esp32.py", "self._nvs.erase_key(key)", "self._nvs.erase(key)", '"NVS" has no attribute "erase"'),
-    ("esp32.py", "self._ow.crc8(rom)", "self._ow.crc(rom)", '"OneWire" has no attribute "crc"'),
-    ("esp32.py", "pin.irq(self._tick, Pin.IRQ_RISING, hard=True)", "pin.irq(self._tick, Pin.IRQ_RISE, hard=True)", 'has no attribute "IRQ_RISE"'),
+    ("esp32_slots.py", "self._ow.crc8(rom)", "self._ow.crc(rom)", '"OneWire" has no attribute "crc"'),
+    ("esp32_outlets.py", "pin.irq(self._tick, Pin.IRQ_RISING, hard=True)", "pin.irq(self._tick, Pin.IRQ_RISE, hard=True)", 'has no attribute "IRQ_RISE"'),
     ("esp32.py", "self._chip.set_datetime(", "self._chip.set_time(", '"DS3231" has no attribute "set_time"'),
     ("esp32.py", "chip.output(spec[\"pin\"], off)", "chip.outpt(spec[\"pin\"], off)", '"MCP23017" has no attribute "outpt"'),
 ]
@@ -137,7 +137,7 @@ MUTATIONS = [
 
 @pytest.mark.parametrize("name,old,new,message", MUTATIONS, ids=[f"{m[0]}:{m[3][:24]}" for m in MUTATIONS])
 def test_the_check_sees_into_every_hal_file(mypy_config, tmp_path, name, old, new, message):
-    shutil.copytree(HAL, tmp_path / "hal", ignore=shutil.ignore_patterns("__pycache__", "sim.py"))
+    shutil.copytree(HAL, tmp_path / "hal", ignore=shutil.ignore_patterns("__pycache__", "sim*.py"))
     src = (tmp_path / "hal" / name).read_text()
     assert src.count(old) == 1, f"{old!r} is no longer in hal/{name}: update this mutation"
     (tmp_path / "hal" / name).write_text(src.replace(old, new))
@@ -225,7 +225,8 @@ def test_every_esp32_board_file_builds(seen, name):
 
 def test_only_the_drivers_a_board_file_names_are_loaded(seen):
     """Loaded code lives in the heap: an outlet without expanders, smart
-    batteries, 1-Wire or an RTC chip carries none of their drivers."""
+    batteries, 1-Wire or an RTC chip carries none of their drivers, nor the
+    station's slot code; a station none of the outlet's meter code."""
     for name, board in ESP32_BOARDS.items():
         want = set()
         if board.get("expanders"):
@@ -236,8 +237,12 @@ def test_only_the_drivers_a_board_file_names_are_loaded(seen):
             want.add("onewire")
         if any("bms" in s.get("identity", {}) for s in board.get("slots", ())):
             want.add("hal.sbs")
+        if board.get("slots"):
+            want.add("hal.esp32_slots")
+        if board.get("outlets"):
+            want.add("hal.esp32_outlets")
         assert set(seen["drivers"][name]) == want, name
-    assert seen["drivers"]["outlet-2-devkitc"] == []
+    assert seen["drivers"]["outlet-2-devkitc"] == ["hal.esp32_outlets"]
 
 
 def test_expander_pins_follow_the_board_file(seen):

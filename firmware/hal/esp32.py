@@ -6,38 +6,25 @@
 #
 #   hw = hal.esp32.make(json.load(open("board.json")))
 import asyncio
-import math
 import time
-from errno import EIO, ENOENT
+from errno import ENOENT
 
 import esp32
 import machine
-from machine import ADC, I2C, Pin
+from machine import I2C, Pin
 from micropython import const
 
 # The part drivers (onewire, hal.ds3231, hal.mcp23017, hal.sbs) are imported
-# where the board file names such a part, not here: loaded code lives in the
-# heap, and a board without expanders, smart batteries or an RTC chip (an
-# outlet) would carry ~9 KB of drivers it never calls.
+# where the board file names such a part, not here, and so are each kind's
+# parts (hal.esp32_slots: slot inputs, sensors and battery identity;
+# hal.esp32_outlets: relays and meters): loaded code lives in the heap, and a
+# board without expanders, smart batteries or an RTC chip (an outlet) would
+# carry ~9 KB of drivers it never calls, an outlet the station's slot code.
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for the stub check only (tests/test_hal_esp32.py)
     import onewire
 
-    from hal import ds3231, mcp23017, sbs
-
-# Analog inputs: ADC1 at 11 dB attenuation (0 .. ~3.1 V)
-_RAIL_LO = const(64)  # read_u16() at or below: input at 0 V
-_RAIL_HI = const(65535 - 64)  # at or above: input at or beyond full scale
-_NTC_VCC_MV = const(3300)  # supply of the NTC divider (r_series to 3V3)
-_T25_K = 298.15
-
-# BL0937 meter
-_SEL_CURRENT = const(0)  # SEL low: CF1 frequency follows current RMS
-_SEL_VOLTAGE = const(1)  # SEL high: CF1 follows voltage RMS
-_WINDOW_MS = const(1000)  # shortest window a frequency is computed over
-_PCNT_UNITS = const(8)  # ESP32 pulse counter units (machine.Counter ids)
-
-_DS2431 = const(0x2D)  # 1-Wire family code
+    from hal import ds3231, mcp23017
 
 # NVS: the port raises ESP-IDF errors as OSError(-esp_err_t, name), so a
 # missing key is errno -ESP_ERR_NVS_NOT_FOUND (-4354); ENOENT accepted too
@@ -82,167 +69,6 @@ class Out:
 
     def value(self):
         return self._v
-
-
-class In:
-    def __init__(self, pin, active_low):
-        self._pin = pin  # type: Pin | mcp23017.Pin
-        self._inv = 1 if active_low else 0
-
-    def value(self):
-        return self._pin.value() ^ self._inv
-
-
-class Linear:
-    """ADC1 pin: value = mV at the pin * scale + offset. OSError(EIO) when
-    the input is at full scale (the true value is unknown); 0 V is a value."""
-
-    def __init__(self, gpio, scale, offset):
-        self._adc = ADC(Pin(gpio), atten=ADC.ATTN_11DB)
-        self._gpio = gpio
-        self._scale = scale
-        self._offset = offset
-
-    def read(self):
-        if self._adc.read_u16() >= _RAIL_HI:
-            raise OSError(EIO, "ADC GPIO %d at full scale" % self._gpio)
-        return int(self._adc.read_uv() // 1000 * self._scale + self._offset)
-
-
-class Ntc:
-    """NTC thermistor from the ADC1 pin to GND, r_series from 3V3 to the pin;
-    reads 0.1 degC (beta formula). OSError(EIO) at either rail: open or short."""
-
-    def __init__(self, gpio, ntc):
-        self._adc = ADC(Pin(gpio), atten=ADC.ATTN_11DB)
-        self._gpio = gpio
-        self._r25 = ntc["r25"]
-        self._beta = ntc["beta"]
-        self._rs = ntc["r_series"]
-
-    def read(self):
-        raw = self._adc.read_u16()
-        mv = self._adc.read_uv() // 1000
-        if raw <= _RAIL_LO or raw >= _RAIL_HI or not 0 < mv < _NTC_VCC_MV:
-            raise OSError(EIO, "NTC on ADC GPIO %d open or shorted" % self._gpio)
-        r = self._rs * mv / (_NTC_VCC_MV - mv)
-        k = 1 / (1 / _T25_K + math.log(r / self._r25) / self._beta)
-        return int(round((k - 273.15) * 10))
-
-
-class BmsValue:
-    """Analog read from the slot's smart battery (read = an SBS method)."""
-
-    def __init__(self, read):
-        self.read = read
-
-
-class OneWireIdent:
-    """DS2431 on a 1-Wire bus: its 64-bit ROM id is the battery id."""
-
-    def __init__(self, ow, bus):
-        self._ow = ow  # type: onewire.OneWire
-        self._bus = bus
-
-    def read(self):
-        crc_bad = False
-        for rom in self._ow.scan():
-            if self._ow.crc8(rom) != 0:
-                crc_bad = True
-            elif rom[0] == _DS2431:
-                return bytes(rom)
-        if crc_bad:
-            raise OSError(EIO, "1-Wire bus %s: ROM CRC error" % self._bus)
-        return None
-
-    def state(self):
-        return {}
-
-
-class PulseCounter:
-    """machine.Counter stand-in on a Pin IRQ (hard: no allocation)."""
-
-    def __init__(self, pin):
-        self._n = 0
-        pin.irq(self._tick, Pin.IRQ_RISING, hard=True)
-
-    def _tick(self, pin):
-        self._n += 1
-
-    def value(self, v=None):
-        s = machine.disable_irq()
-        n = self._n
-        if v is not None:
-            self._n = v
-        machine.enable_irq(s)
-        return n
-
-
-def _counter(gpio, unit):
-    pin = Pin(gpio, Pin.IN)
-    if unit < _PCNT_UNITS and hasattr(machine, "Counter"):
-        return machine.Counter(unit, pin, edge=machine.Counter.RISING)
-    return PulseCounter(pin)
-
-
-class Meter:
-    """BL0937: CF pulses count energy and their rate is power; CF1's rate is
-    current or voltage as SEL selects. Each value is the average over the
-    window since the previous read of the same quantity (at least
-    _WINDOW_MS, else the previous value again). Voltage and current share
-    CF1: reading the one not selected switches SEL and returns its last
-    value (0 before the first window), so read both at a steady pace."""
-
-    def __init__(self, spec, unit):
-        self._cf = _counter(spec["cf"], unit)
-        self._cf1 = _counter(spec["cf1"], unit + 1)
-        self._sel = Pin(spec["sel"], Pin.OUT, value=_SEL_CURRENT)
-        self._mode = _SEL_CURRENT
-        self._mw_per_hz = spec["mw_per_hz"]
-        self._mv_per_hz = spec["mv_per_hz"]
-        self._ma_per_hz = spec["ma_per_hz"]
-        self.mwh_per_pulse = spec["mwh_per_pulse"]
-        self._t = self._t1 = time.ticks_ms()
-        self._n = 0
-        self._mw = self._mv = self._ma = 0
-
-    def pulses(self):
-        return self._cf.value()
-
-    def power_mw(self):
-        now = time.ticks_ms()
-        dt = time.ticks_diff(now, self._t)
-        if dt >= _WINDOW_MS:
-            n = self._cf.value()
-            self._mw = int((n - self._n) * 1000 * self._mw_per_hz / dt)
-            self._n = n
-            self._t = now
-        return self._mw
-
-    def voltage_mv(self):
-        self._cf1_window(_SEL_VOLTAGE)
-        return self._mv
-
-    def current_ma(self):
-        self._cf1_window(_SEL_CURRENT)
-        return self._ma
-
-    def _cf1_window(self, mode):
-        now = time.ticks_ms()
-        dt = time.ticks_diff(now, self._t1)
-        if dt < _WINDOW_MS and mode == self._mode:
-            return
-        n = self._cf1.value(0)
-        if dt >= _WINDOW_MS:
-            hz = n * 1000 / dt
-            if self._mode == _SEL_VOLTAGE:
-                self._mv = int(hz * self._mv_per_hz)
-            else:
-                self._ma = int(hz * self._ma_per_hz)
-        if mode != self._mode:
-            self._sel.value(mode)
-            self._mode = mode
-        self._t1 = now
 
 
 class Watchdog:
@@ -342,24 +168,6 @@ class Store:
         self._nvs.commit()
 
 
-class Slot:
-    def __init__(self, presence, door, lock, charger, voltage, current, temperature, identity):
-        self.presence = presence
-        self.door = door
-        self.lock = lock
-        self.charger = charger
-        self.voltage = voltage
-        self.current = current
-        self.temperature = temperature
-        self.identity = identity
-
-
-class Outlet:
-    def __init__(self, relay, meter):
-        self.relay = relay
-        self.meter = meter
-
-
 def _expanders_safe(board, exps):
     masks = {}  # type: dict[str, list[int]]  # expander name -> [output mask, off levels]
     specs = [board.get("status_led")]
@@ -393,7 +201,6 @@ class HW:
         self._outs = []  # type: list[Out]
         self._i2c = {}  # type: dict[str, I2C]
         self._ow = {}  # type: dict[str, onewire.OneWire]
-        self._muxes = {}  # type: dict[tuple[str, int], sbs.Mux]
         for name, b in board.get("buses", {}).items():
             if b["type"] == "i2c":
                 self._i2c[name] = I2C(b["id"], scl=Pin(b["scl"]), sda=Pin(b["sda"]), freq=b.get("freq", 400000))
@@ -415,12 +222,17 @@ class HW:
         _expanders_safe(board, self._exps)
         if err is not None:
             raise err
-        self.slots = [self._slot(s) for s in board.get("slots", ())]
-        self.outlets = []
-        unit = 0  # two pulse counter units per meter
-        for o in board.get("outlets", ()):
-            self.outlets.append(Outlet(self._out(o["relay"]), Meter(o["meter"], unit)))
-            unit += 2
+        # each kind's parts in a module of its own, loaded only for that kind
+        self.slots = []  # type: list
+        self.outlets = []  # type: list
+        if board.get("slots"):
+            from hal import esp32_slots
+
+            self.slots = esp32_slots.build(self, board)
+        if board.get("outlets"):
+            from hal import esp32_outlets
+
+            self.outlets = esp32_outlets.build(self, board)
         led = board.get("status_led")
         self.status_led = self._out(led) if led else None
         self.wdt = Watchdog()
@@ -456,57 +268,6 @@ class HW:
             out = Out(Pin(spec["pin"], Pin.OUT, value=off), off)
         self._outs.append(out)
         return out
-
-    def _in(self, spec):
-        if "expander" in spec:
-            chip = self._exps[spec["expander"]]
-            chip.input(spec["pin"])
-            from hal import mcp23017
-
-            return In(mcp23017.Pin(chip, spec["pin"]), spec.get("active_low"))
-        return In(Pin(spec["pin"], Pin.IN), spec.get("active_low"))
-
-    def _slot(self, s):
-        ident = s.get("identity")
-        bms = None
-        if ident and "bms" in ident:
-            from hal import sbs
-
-            b = ident["bms"]
-            mux = None
-            if "mux" in b:
-                mux = self._mux(b["bus"], b["mux"]["addr"])
-            ident = bms = sbs.SBS(self._i2c[b["bus"]], b["addr"], mux, b.get("mux", {}).get("channel", 0))
-        elif ident:
-            ident = OneWireIdent(self._ow[ident["bus"]], ident["bus"])
-        return Slot(
-            self._in(s["presence"]) if "presence" in s else None,
-            self._in(s["door"]) if "door" in s else None,
-            self._out(s["lock"]),
-            self._out(s["charger"]) if "charger" in s else None,
-            self._analog(s.get("voltage"), bms.millivolts if bms else None),
-            self._analog(s.get("current"), bms.milliamps if bms else None),
-            self._analog(s.get("temperature"), bms.decicelsius if bms else None),
-            ident,
-        )
-
-    def _mux(self, bus, addr):
-        key = (bus, addr)
-        if key not in self._muxes:
-            from hal import sbs
-
-            self._muxes[key] = sbs.Mux(self._i2c[bus], addr)
-        return self._muxes[key]
-
-    def _analog(self, spec, bms_read):
-        if spec is None:
-            return None
-        if "bms" in spec:
-            return BmsValue(bms_read)
-        if "ntc" in spec:
-            return Ntc(spec["adc"], spec["ntc"])
-        return Linear(spec["adc"], spec.get("scale", 1.0), spec.get("offset", 0))
-
 
 def make(board):
     return HW(board)

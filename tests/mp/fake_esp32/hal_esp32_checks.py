@@ -216,8 +216,10 @@ def failing_expander(board):
 def outlets(board):
     machine.reset_fakes()
     clock = Clock()
-    real_time = hal_esp32.time
-    hal_esp32.time = clock
+    from hal import esp32_outlets
+
+    real_time = esp32_outlets.time
+    esp32_outlets.time = clock
     try:
         hw = hal_esp32.make(board)
         m = hw.outlets[0].meter
@@ -252,7 +254,7 @@ def outlets(board):
         hw.safe()
         o["relays_safe"] = [p.level for p in relays]
     finally:
-        hal_esp32.time = real_time
+        esp32_outlets.time = real_time
     return o
 
 
@@ -309,7 +311,7 @@ def any_board(board):
     return {"kind": hw.kind, "slots": len(hw.slots), "outlets": len(hw.outlets), "on": on, "safe": [o.value() for o in outs]}
 
 
-DRIVERS = ("onewire", "hal.ds3231", "hal.mcp23017", "hal.sbs")
+DRIVERS = ("onewire", "hal.ds3231", "hal.mcp23017", "hal.sbs", "hal.esp32_slots", "hal.esp32_outlets")
 
 
 def drivers(board):
