@@ -3,7 +3,7 @@
 # objects. argv[1]: the board file; argv[2]: "esp32" (hal/esp32.py on the
 # stand-in machine, esp32 and onewire modules of tests/mp/fake_esp32, which
 # are loaded before the count, with a device answering at every I2C address
-# the file names) or "sim" (hal/sim.py and its world). The board file is
+# the file names and mid-scale on every ADC input) or "sim" (hal/sim.py and its world). The board file is
 # parsed before the count and dropped after, as main.boot_hw does.
 import gc
 import json
@@ -18,17 +18,9 @@ if kind == "esp32":
     import esp32  # noqa: F401 (the stand-ins, loaded before the count)
     import machine
     import onewire  # noqa: F401
-    from fakedev import Behind, Mux, Regs
+    from fakedev import answer_everywhere
 
-    for e in board.get("expanders", {}).values():
-        machine.i2c_devices[e["addr"]] = Regs(0x16)
-    for s in board.get("slots", ()):
-        bms = s.get("identity", {}).get("bms")
-        if bms and "mux" in bms:
-            mux = machine.i2c_devices.setdefault(bms["mux"]["addr"], Mux())
-            machine.i2c_devices.setdefault(bms["addr"], Behind(mux, {}))
-    if "rtc" in board:
-        machine.i2c_devices[board["rtc"]["addr"]] = Regs(0x13)
+    answer_everywhere(board, machine)
 import asyncio  # noqa: F401 (the interpreter's, loaded by every board)
 
 gc.collect()

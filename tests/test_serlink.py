@@ -257,8 +257,10 @@ def test_socket_urls_and_text_between_frames(tmp_path):
         srv.close()
 
 
-CONSOLE_TURNS = r"""
-import asyncio
+# a console on stdin with stand-ins for the link and the hardware; Link.frames
+# holds the payloads handed to the link (hex)
+CONSOLE_STUBS = r"""
+import asyncio, gc, micropython
 import serlink
 from vgemit import emit
 
@@ -284,6 +286,9 @@ class Link:
     def handle(self, m):
         self.frames.append(m.hex())
         return None
+"""
+
+CONSOLE_TURNS = CONSOLE_STUBS + r"""
 
 class Out:
     text = b""
@@ -310,31 +315,7 @@ def test_text_lines_and_frames_take_turns_in_one_buffer(mp):
     assert r["frames"] == [b"hi5".hex()]
 
 
-CONSOLE_ALLOC = r"""
-import asyncio, gc, micropython
-import serlink
-from vgemit import emit
-
-class Hw:
-    def ticks_ms(self):
-        return 0
-
-    def ticks_diff(self, a, b):
-        return a - b
-
-    async def sleep_ms(self, ms):
-        await asyncio.sleep_ms(ms)
-
-class Sys:
-    hw = Hw()
-
-class Link:
-    p = Sys()
-    app = None
-    outbox = []
-
-    def handle(self, m):
-        return None
+CONSOLE_ALLOC = CONSOLE_STUBS + r"""
 
 c = serlink.Console(Link())
 gc.collect()

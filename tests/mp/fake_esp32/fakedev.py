@@ -74,3 +74,21 @@ class Behind:
             if self.mux.control & (1 << ch):
                 return dev
         return None
+
+
+def answer_everywhere(board, machine):
+    """Put a device at every I2C address the board file names (expanders,
+    smart batteries behind their mux, the RTC chip) and mid-scale on every
+    ADC input, so that hal.esp32 can build any board file."""
+    for e in board.get("expanders", {}).values():
+        machine.i2c_devices[e["addr"]] = Regs(0x16)
+    for s in board.get("slots", ()):
+        for v in s.values():
+            if "adc" in v:
+                machine.adc_levels[v["adc"]] = (32768, 1650000)
+        bms = s.get("identity", {}).get("bms")
+        if bms and "mux" in bms:
+            mux = machine.i2c_devices.setdefault(bms["mux"]["addr"], Mux())
+            machine.i2c_devices.setdefault(bms["addr"], Behind(mux, {}))
+    if "rtc" in board:
+        machine.i2c_devices[board["rtc"]["addr"]] = Regs(0x13)

@@ -8,7 +8,7 @@ from binascii import hexlify
 import esp32
 import machine
 import onewire
-from fakedev import Behind, Mux, Regs, Words
+from fakedev import Behind, Mux, Regs, Words, answer_everywhere
 
 import hal.esp32 as hal_esp32
 
@@ -288,18 +288,7 @@ def any_board(board):
     """Build any board file with a device answering at every I2C address it
     names and mid-scale on every ADC; turn every output on, then safe()."""
     machine.reset_fakes()
-    for e in board.get("expanders", {}).values():
-        machine.i2c_devices[e["addr"]] = Regs(0x16)
-    for s in board.get("slots", ()):
-        for v in s.values():
-            if "adc" in v:
-                machine.adc_levels[v["adc"]] = (32768, 1650000)
-        bms = s.get("identity", {}).get("bms")
-        if bms and "mux" in bms:
-            mux = machine.i2c_devices.setdefault(bms["mux"]["addr"], Mux())
-            machine.i2c_devices.setdefault(bms["addr"], Behind(mux, {}))
-    if "rtc" in board:
-        machine.i2c_devices[board["rtc"]["addr"]] = Regs(0x13)
+    answer_everywhere(board, machine)
     hw = hal_esp32.make(board)
     outs = [o for s in hw.slots for o in (s.lock, s.charger) if o] + [o.relay for o in hw.outlets]
     if hw.status_led:
