@@ -3,8 +3,9 @@
 # objects. argv[1]: the board file; argv[2]: "esp32" (hal/esp32.py on the
 # stand-in machine, esp32 and onewire modules of tests/mp/fake_esp32, which
 # are loaded before the count, with a device answering at every I2C address
-# the file names and mid-scale on every ADC input) or "sim" (hal/sim.py and its world). The board file is
-# parsed before the count and dropped after, as main.boot_hw does.
+# the file names and mid-scale on every ADC input) or "sim" (hal/sim.py and
+# its world; argv[3]: its root folder). The board file is parsed before the
+# count and dropped after, as main.boot_hw does.
 import gc
 import json
 import sys

@@ -425,7 +425,7 @@ def whole_board_rows(wb: dict, words: dict | None, hal: dict) -> list[tuple]:
                 f"{name}: the hardware layer `hal/esp32.py` with `{real}.json`, held",
                 f"{h['esp32']['held']} B",
                 "—",
-                f"the simulated one (`hal/sim.py`, world included) with `{h['sim_board']}.json`, which the rows above run on: {h['sim']['held']} B; loaded: {', '.join(h['esp32']['modules'])}",
+                f"the simulated one (`hal/sim.py`, world included) with `{h['sim_board']}.json`, which the rows above run on: {h['sim']['held']} B; the real one loads {', '.join(h['esp32']['modules'])}; the simulated one {', '.join(h['sim']['modules'])}",
                 "—",
             )
         )
@@ -640,7 +640,7 @@ def main(argv=None) -> int:
         "",
         "`system.System` booted from .mpy the way `main.boot_hw` boots a board (the parsed",
         "board file dropped first) on the simulated hardware (`hal/sim.py` stands in for",
-        "`hal/esp32.py`, whose heap is not measured here), in the board's budget: 96 KB for",
+        "`hal/esp32.py`; the Whole boards table compares the two), in the board's budget: 96 KB for",
         "the station, 64 KB for the outlet. The status column asks the platform to leave at",
         "least half the heap to the application. Loaded .mpy bytecode lives in the heap on",
         "the unix port and on the ESP32 alike; freezing the modules into the firmware image",

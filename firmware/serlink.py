@@ -58,8 +58,11 @@ class Console:
         self._out = out or sys.stdout.buffer
         self._dfr = framing.Deframer()
         # a text line lives in the Deframer's buffer: lines and frames take
-        # turns (a 0x00 resets the Deframer before it collects a frame), so
-        # they need one buffer between them, not two (1 KB less heap)
+        # turns, so they need one buffer between them, not two (1 KB less
+        # heap). That is why every switch to link mode (a 0x00) resets the
+        # Deframer: a line, or the rest of a frame cut short by the idle
+        # time, may be in the buffer. A frame buffer under MAX_LINE + 1 bytes
+        # would cut long lines short instead of refusing them (tests/test_serlink.py)
         self._line = memoryview(self._dfr.buf)[: present.MAX_LINE + 1]  # one more: "too long"
         self._n = 0
         self._one = bytearray(1)

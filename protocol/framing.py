@@ -95,10 +95,10 @@ class Deframer:
     def __init__(self, max_payload=wire.MAX_FRAME):
         self.max_payload = max_payload
         self._cap = max_encoded(max_payload) - 2
-        # buf: the frame collected so far. Between frames (after reset(),
-        # until the next byte is fed) it holds nothing the Deframer needs, so
-        # a caller that reads something else in turn with frames (serlink.py's
-        # text lines) may use it instead of a buffer of its own.
+        # buf: the frame collected so far. A caller that reads something else
+        # in turn with frames (serlink.py's text lines) may write into it
+        # while it feeds nothing, provided it calls reset() before it feeds
+        # again: what was collected before is then thrown away.
         self.buf = self._buf = bytearray(self._cap)
         self._n = 0
         self._skip = False

@@ -128,6 +128,7 @@ MUTATIONS = [
     ("ds3231.py", "self._i2c.readfrom_mem_into(self.addr, reg, buf)", "self._i2c.readfrom_mem_into(self.addr, reg, buf, 8)", "Too many"),
     ("esp32.py", "self._wdt.feed()", "self._wdt.fed()", '"WDT" has no attribute "fed"'),
     ("esp32.py", "self._nvs.erase_key(key)", "self._nvs.erase(key)", '"NVS" has no attribute "erase"'),
+    ("esp32_slots.py", "chip.input(spec[\"pin\"])", "chip.inputt(spec[\"pin\"])", '"MCP23017" has no attribute "inputt"'),
     ("esp32_slots.py", "self._ow.crc8(rom)", "self._ow.crc(rom)", '"OneWire" has no attribute "crc"'),
     ("esp32_outlets.py", "pin.irq(self._tick, Pin.IRQ_RISING, hard=True)", "pin.irq(self._tick, Pin.IRQ_RISE, hard=True)", 'has no attribute "IRQ_RISE"'),
     ("esp32.py", "self._chip.set_datetime(", "self._chip.set_time(", '"DS3231" has no attribute "set_time"'),

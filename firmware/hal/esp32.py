@@ -269,5 +269,6 @@ class HW:
         self._outs.append(out)
         return out
 
+
 def make(board):
     return HW(board)

@@ -111,7 +111,7 @@ class Slot:
         self.identity = identity
 
 
-def build(hw, board):
+def build(hw, board):  # type: (HW, dict) -> list[Slot]
     """The board file's slots, on hw's buses, expanders and outputs."""
     muxes = {}  # type: dict[tuple[str, int], sbs.Mux]
     return [_slot(hw, s, muxes) for s in board.get("slots", ())]
@@ -142,7 +142,7 @@ def _slot(hw, s, muxes):  # type: (HW, dict, dict[tuple[str, int], sbs.Mux]) -> 
     )
 
 
-def _in(hw, spec):
+def _in(hw, spec):  # type: (HW, dict) -> In
     if "expander" in spec:
         chip = hw._exps[spec["expander"]]
         chip.input(spec["pin"])
@@ -152,7 +152,7 @@ def _in(hw, spec):
     return In(Pin(spec["pin"], Pin.IN), spec.get("active_low"))
 
 
-def _mux(hw, muxes, bus, addr):
+def _mux(hw, muxes, bus, addr):  # type: (HW, dict[tuple[str, int], sbs.Mux], str, int) -> sbs.Mux
     key = (bus, addr)
     if key not in muxes:
         from hal import sbs

@@ -8,12 +8,6 @@
 #   world.slots[0].insert(b"\x01..", soc=0.2); world.slots[0].open_door()
 #   world.fault(0, "temperature", "open")   # or "short", "hot", "stuck", "noid"
 #
-# Battery: open-circuit voltage rises linearly with state of charge; the
-# charger runs constant current until the terminal voltage reaches the CV
-# limit, then the current tapers in proportion to the remaining charge and
-# the charger reports done below the termination current. Temperature rises
-# with I^2*R and relaxes to ambient with a time constant.
-#
 # The slots' physics and sensors are in hal/sim_slots.py, the outlets' loads
 # and meters in hal/sim_outlets.py: each is imported only when the board file
 # names slots or outlets, as hal/esp32.py loads only the drivers a board

@@ -1,6 +1,12 @@
 # The station's side of the simulated hardware (hal/sim.py imports it when
 # the board file names slots; an outlet board never loads it): the battery
 # and slot physics, and the slot's sensors, switches and identity reader.
+#
+# Battery: open-circuit voltage rises linearly with state of charge; the
+# charger runs constant current until the terminal voltage reaches the CV
+# limit, then the current tapers in proportion to the remaining charge and
+# the charger reports done below the termination current. Temperature rises
+# with I^2*R and relaxes to ambient with a time constant.
 from hal.sim import Out
 
 try:
