@@ -41,6 +41,38 @@ def test_heapsize_limit_is_enforced(mp):
     assert "MemoryError" in str(info.value) and "heapsize=65536" in str(info.value)
 
 
+# a record that fits the heap as a list but not as JSON text: the heap is
+# filled until ~1 KB is left, then the ~13 KB line is built
+FULL_HEAP_EMIT = """
+import gc
+from vgemit import emit
+big = ["x" * 40 for _ in range(300)]
+pad = []
+gc.collect()
+try:
+    while True:
+        pad.append(bytearray(512))
+except MemoryError:
+    pass
+pad.pop()
+pad.pop()
+emit(big)
+"""
+
+
+def test_a_record_the_heap_cannot_hold_leaves_no_half_record(mp):
+    """A run at the edge of its heap (the benchmarks look for the smallest
+    heap a board runs in) may fail while it reports: the result then says
+    it failed, with no record, rather than a half-written line that breaks
+    the runner. And a half record some script does write is kept as text."""
+    res = mp.run(code=FULL_HEAP_EMIT, heapsize=64 * 1024, check=False)
+    out = res.stderr + res.stdout
+    assert res.returncode != 0 and res.records == [] and "MemoryError" in out and "emit" in out
+    assert "\x1e" not in res.stdout
+    res = mp.run(code="import sys\nsys.stdout.write('\\x1e{\"a\": 1')\nraise SystemExit(3)\n", check=False)
+    assert res.returncode == 3 and res.records == [] and '{"a": 1' in res.stdout
+
+
 def test_compiled_tree_holds_only_mpy(firmware_build):
     files = [p for p in firmware_build.rglob("*") if p.is_file()]
     assert files and all(p.suffix == ".mpy" for p in files)

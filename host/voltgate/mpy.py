@@ -124,9 +124,12 @@ def run(
     plain = []
     for line in proc.stdout.split("\n"):
         if line.startswith(RECORD):
-            records.append(json.loads(line[1:]))
-        else:
-            plain.append(line)
+            try:
+                records.append(json.loads(line[1:]))
+                continue
+            except ValueError:  # cut short (the script died writing it): text, not a record
+                pass
+        plain.append(line)
     res = Result(proc.returncode, "\n".join(plain), proc.stderr, records)
     if check and proc.returncode != 0:
         what = f"MicroPython exited with status {proc.returncode}"

@@ -5,6 +5,9 @@ import sys
 
 
 def emit(obj):
+    # the line is built before any of it is written: a MemoryError (a run at
+    # the edge of its heap) leaves no half record behind
+    line = json.dumps(obj)
     sys.stdout.write("\x1e")
-    sys.stdout.write(json.dumps(obj))
+    sys.stdout.write(line)
     sys.stdout.write("\n")
