@@ -12,6 +12,8 @@ import gc
 import json
 import sys
 
+import micropython
+
 with open(sys.argv[1]) as f:
     spec = json.load(f)
 image = None
@@ -34,6 +36,7 @@ hw.store.provision(spec["store"])
 async def drive(p, sup):
     await sim.drive(hw.world, 60000, 50)
     gc.collect()
+    micropython.qstr_info()  # the qstr pool's size, in the text the runner reads
     emit({"live": gc.mem_alloc(), "heap": gc.mem_alloc() + gc.mem_free(), "modules": len(sys.modules), "names": sorted(sys.modules), "image": len(image) if image else 0, "from": main.__file__})
 
 
