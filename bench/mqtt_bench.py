@@ -33,7 +33,7 @@ import cbor2
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from voltgate import build, keys, link, mpy, sync, tree
+from voltgate import build, keys, link, mpy, sync, tree, wire
 from voltgate.broker import SERVER_USER, Broker, BrokerConfig, up
 from voltgate.mqttlink import MqttTransport
 
@@ -42,23 +42,6 @@ DEVICE = "ou-bench-1"
 KEY = keys.derive_device_key(b"bench master secret, not a secret", DEVICE, 1)
 SERVER_PW = "bench-server-pw"
 HEAP = 256 * 1024  # the simulated board with a full log (the platform, not the link, needs it)
-
-_FILL = r"""
-import json, sys
-import main
-from system import System
-with open(sys.argv[1]) as f:
-    spec = json.load(f)
-hw, board = main.boot_hw(spec["board"], spec["root"], "sim")
-hw.store.provision(spec["store"])
-p = System(hw, board)
-b = bytearray(b"\x84\x00\x1a\x00\x1e\x84\x80\x1a\x00\x03\x82\x70\x19\x21\xf7")  # [0, 2 kW, 230 V, 8.7 A]
-i = 0
-while i < spec["records"]:
-    b[1] = i & 1
-    p.log.append(2, b, 1800000000 + i)
-    i += 1
-"""
 
 
 def _varint_len(n: int) -> int:
@@ -166,10 +149,10 @@ def measure(firmware: Path | None = None, records: int = 5000, speed: int = 1) -
                 "site": SITE.encode().hex(),
                 "link": cbor2.dumps({"host": b.host, "port": b.port}).hex(),
             }
-            spec = {"board": str(board_file), "root": str(tmp / "flash"), "store": store, "records": records, "speed": speed}
+            spec = {"board": str(board_file), "root": str(tmp / "flash"), "store": store, "records": records, "rtype": wire.LOG_OUTLET_READING, "speed": speed}
             (tmp / "spec.json").write_text(json.dumps(spec))
             path = [str(mpy.MPSIDE), *build.board_path(firmware)]
-            mpy.run(code=_FILL, path=path, heapsize=HEAP, args=[tmp / "spec.json"], timeout=300)
+            mpy.run(mpy.MPSIDE / "vgfill.py", path=path, heapsize=HEAP, args=[tmp / "spec.json"], timeout=300)
             env = dict(os.environ, MICROPYPATH=os.pathsep.join([".frozen", *path]))
             with open(tmp / "console.txt", "wb") as out:
                 proc = subprocess.Popen(

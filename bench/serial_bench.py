@@ -7,7 +7,7 @@ A simulated outlet (mpside/vgsim.py from the .mpy build, real time) boots
 on a flash log filled with N outlet readings; the host pulls all of it
 with voltgate.sync.pull through voltgate.serlink.SerialTransport and acks.
 CPython drives it; the board half runs on MicroPython (bench/mp_*.py are
-such halves; here the log filling is the short FILL script below).
+such halves; the log is filled by mpside/vgfill.py).
 
     python bench/serial_bench.py [--firmware build/firmware] [--records 2000] [--batch 64]
 
@@ -28,28 +28,7 @@ from voltgate import build, keys, link, mpy, serlink, sync, tree, wire
 BAUD = 115200
 BITS_PER_BYTE = 10  # start + 8 data + stop
 DEVICE = "ou-bench"
-START = 1_800_000_000
 BOARD = tree.boards_dir() / "sim-outlet-2.json"
-
-# Runs on MicroPython: boots the platform on the simulated hardware and
-# appends n outlet readings (the build folds wire's constants away: the
-# record type comes in the spec) (SPEC.md 9: [outlet, mW, mV, mA]) to its log.
-FILL = r"""
-import json, sys
-import main, system
-with open(sys.argv[1]) as f:
-    spec = json.load(f)
-hw, board = main.boot_hw(spec["board"], spec["root"], "sim")
-hw.store.provision(spec["store"])
-s = system.System(hw, board)
-ts = s.clock.floor()
-i = 0
-n = spec["records"]
-while i < n:
-    s.log.append(spec["rtype"], [i & 1, 2000000 + i, 230000 - (i & 255), 8695], ts + 5 * i)
-    i += 1
-s.log.close()
-"""
 
 
 def measure(firmware: Path, records: int = 2000, batch: int = 64) -> dict:
@@ -62,7 +41,7 @@ def measure(firmware: Path, records: int = 2000, batch: int = 64) -> dict:
         spec = tmp / "fill.json"
         fill = {"board": str(BOARD), "root": str(root), "store": store_cfg, "records": records, "rtype": wire.LOG_OUTLET_READING}
         spec.write_text(json.dumps(fill))
-        mpy.run(code=FILL, path=path, args=[spec], timeout=600)
+        mpy.run(mpy.MPSIDE / "vgfill.py", path=path, args=[spec], timeout=600)
         sim = {"board": str(BOARD), "root": str(root), "store": None, "speed": 1}
         with serlink.SimBoard(sim, tmp / "sim", firmware=firmware, heapsize=256 * 1024) as sb:
             with serlink.SerialTransport(sb.port) as t:

@@ -8,7 +8,7 @@ will, TLS against a loopback TLS front; then the link alone on MicroPython:
 what a stalled broker costs, and that polling allocates nothing.
 
 Logs of thousands of records are written by the firmware's own log module
-(FILL below) before the board starts: the outlet makes at most one reading
+(mpside/vgfill.py) before the board starts: the outlet makes at most one reading
 per outlet per control cycle, far too few for a test in real time."""
 
 from __future__ import annotations
@@ -47,23 +47,6 @@ SERVER_PW = "server-pw"
 HEAP = 256 * 1024
 WAIT = 20.0
 READING = [1, 2_000_000, 230_000, 8695]  # body of the filled records, outlet = seq parity
-
-FILL = r"""
-import json, sys
-import main
-from system import System
-with open(sys.argv[1]) as f:
-    spec = json.load(f)
-hw, board = main.boot_hw(spec["board"], spec["root"], "sim")
-hw.store.provision(spec["store"])
-p = System(hw, board)
-b = bytearray(b"\x84\x00\x1a\x00\x1e\x84\x80\x1a\x00\x03\x82\x70\x19\x21\xf7")  # READING
-i = 0
-while i < spec["records"]:
-    b[1] = i & 1
-    p.log.append(2, b, 1800000000 + i)  # LOG_OUTLET_READING
-    i += 1
-"""
 
 READ = r"""
 import sys
@@ -116,8 +99,8 @@ class SimBoard:
         self.proc = None
         if records:
             fill = self.dir / "fill.json"
-            fill.write_text(json.dumps({"board": to.board_file(self.dir), "root": str(self.root), "store": self.store, "records": records}))
-            mp.run(code=FILL, compiled=True, heapsize=HEAP, args=[fill])
+            fill.write_text(json.dumps({"board": to.board_file(self.dir), "root": str(self.root), "store": self.store, "records": records, "rtype": wire.LOG_OUTLET_READING}))
+            mp.run(mpy.MPSIDE / "vgfill.py", compiled=True, heapsize=HEAP, args=[fill])
 
     def start(self) -> SimBoard:
         env = dict(os.environ, MICROPYPATH=os.pathsep.join([".frozen", *build.board_path(self.fw), str(mpy.MPSIDE)]))
@@ -202,7 +185,7 @@ def client(n, device=DEV1, key=KEY1, **kw) -> link.Board:
 
 
 def fill_records(records):
-    """The READING records FILL wrote, as RecordStore gives them back."""
+    """The READING records vgfill.py wrote, as RecordStore gives them back."""
     return [r for r in records if r.type == wire.LOG_OUTLET_READING]
 
 
