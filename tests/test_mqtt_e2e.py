@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from voltgate import build, keys, link, messages, mpy, sync, wire
+from voltgate import build, keys, link, messages, mpy, simrun, sync, wire
 from voltgate.broker import SERVER_USER
 from voltgate.messages import BoardError
 from voltgate.mqttlink import MqttTransport
@@ -692,21 +692,8 @@ class TlsFront:
         self.handshakes += 1
         plain = socket.create_connection(("127.0.0.1", self.to))
         self.conns += [tls, plain]
-
-        def pump(a, b):
-            try:
-                while data := a.recv(4096):
-                    b.sendall(data)
-            except OSError:
-                pass
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        threading.Thread(target=pump, args=(plain, tls), daemon=True).start()
-        pump(tls, plain)
+        threading.Thread(target=simrun.pipe, args=(plain, tls), daemon=True).start()
+        simrun.pipe(tls, plain)
 
     def close(self):
         self.sock.close()

@@ -341,6 +341,24 @@ class SimProcess:
 # -- a cable that can be pulled ------------------------------------------------------------------
 
 
+def pipe(a: socket.socket, b: socket.socket) -> None:
+    """Copy what a receives to b until a ends or fails; then shut both down
+    (the other direction's pipe ends with them)."""
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class Cable:
     """127.0.0.1:<port> -> upstream, any number of connections. cut()
     closes every connection and refuses new ones (closed as they come)
@@ -388,23 +406,7 @@ class Cable:
             with self._lock:
                 self._socks += [c, u]
             for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while True:
-                d = a.recv(65536)
-                if not d:
-                    break
-                b.sendall(d)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
 
     def cut(self) -> None:
         self._up.clear()
