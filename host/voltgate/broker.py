@@ -51,6 +51,7 @@ ACL = "acl"
 DATA = "data"
 LOG = "mosquitto.log"
 OUT = "mosquitto.out"  # stdout/stderr: errors from before the log file is open
+SERVER_PASSWORD = "server-password"  # the server user's password, beside the broker's files
 
 # a site, device id or username: one topic level, one passwd/acl token
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -245,6 +246,19 @@ class BrokerConfig:
         conf = d / CONF
         conf.write_text(self.mosquitto_conf(d))
         return conf
+
+
+def server_password(directory: str | Path) -> str:
+    """The server user's password kept in directory/server-password: made
+    (random, mode 0600) when the file is missing, never overwritten."""
+    path = Path(directory) / SERVER_PASSWORD
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(16) + "\n")
+    return path.read_text().strip()
 
 
 def write_config(directory: str | Path, devices, server_password: str, **kw) -> BrokerConfig:

@@ -105,8 +105,6 @@ def _verdict(errors, warnings) -> str:
 
 
 def cmd_broker_config(args) -> int:
-    import secrets
-
     from . import broker, keys
 
     try:
@@ -120,16 +118,10 @@ def cmd_broker_config(args) -> int:
     master = keys.load_master(args.keystore)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pw_file = out / "server-password"
     if args.server_password_file:
         server_pw = Path(args.server_password_file).read_text().strip()
-    elif pw_file.exists():
-        server_pw = pw_file.read_text().strip()
     else:
-        server_pw = secrets.token_hex(16)
-        fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(server_pw + "\n")
+        server_pw = broker.server_password(out)
     config = broker.from_registry(registry, master, server_pw, host=args.host, port=args.port)
     conf = config.write(out)
     if args.json:

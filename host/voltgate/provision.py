@@ -655,9 +655,6 @@ def _registry_put(url: str | None, device_id: str, *, site: str, kind: str, boar
 
 def _write_broker(o: Options, master: bytes) -> bool:
     """Rewrite the broker's files from the registry when what they grant differs."""
-    import os
-    import secrets
-
     from . import broker
     from .server import services
     from .server.bootstrap import host_port
@@ -665,14 +662,7 @@ def _write_broker(o: Options, master: bytes) -> bool:
     d = Path(o.broker_dir)
     _outside_tree(d, "broker folder")  # the server's password and the boards' password hashes
     d.mkdir(parents=True, exist_ok=True)
-    pw_file = d / "server-password"
-    if pw_file.exists():
-        server_pw = pw_file.read_text().strip()
-    else:
-        server_pw = secrets.token_hex(16)
-        fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(server_pw + "\n")
+    server_pw = broker.server_password(d)
     with _db(o.db) as tx:
         rows = tx(lambda s: [{"device": x.id, "site": x.site_id, "key_version": x.key_version} for x in services.devices(s)])
     conf = d / broker.CONF
