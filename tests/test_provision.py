@@ -293,7 +293,8 @@ def test_provision_errors_name_the_step(sims, env, tmp_path, capsys, monkeypatch
     doc["outlets"][0]["relay"]["pin"] = 34  # input-only
     bad.write_text(json.dumps(doc))
     rc, out, err = run_cli(capsys, "provision", bad, "--port", dead, "--device-id", "ou-x", *common)
-    assert rc == 2 and err.startswith("voltgate: provision: board: ")  # every problem, one per line and "outlets[0].relay.pin: GPIO 34 is input-only" in err
+    # every problem, one per line
+    assert rc == 2 and err.startswith("voltgate: provision: board: ") and "outlets[0].relay.pin: GPIO 34 is input-only" in err
     assert "(voltgate boards validate" in err and "Traceback" not in err
     assert not env["keystore"].exists()
 

@@ -330,8 +330,9 @@ def test_oversized_bodies_are_refused_with_413(server):
 def test_a_report_ref_books_once_and_never_for_someone_else(server):
     body = {"user_id": "alice", "device_id": "ou-1", "direction": "taken", "energy_mwh": 1000, "start": NOW, "end": NOW + 60, "ref": "r-1"}
     assert server.client.post("/api/v1/energy", json=body).status_code == 201
-    assert server.client.post("/api/v1/energy", json=body).status_code == 201  # the same report again: nothing new
     before = server.snapshot()
+    assert server.client.post("/api/v1/energy", json=body).status_code == 201  # the same report again: nothing new
+    assert server.snapshot() == before
     for other in ({**body, "user_id": "bob"}, {**body, "energy_mwh": 2000}, {**body, "direction": "given"}):
         r = server.client.post("/api/v1/energy", json=other)
         assert r.status_code == 409 and r.json()["code"] == "conflict", r.text

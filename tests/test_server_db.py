@@ -223,12 +223,16 @@ def test_gaps_are_kept_once(factory):
     assert store.gaps(DEV) == [(10, 19), (40, 41)]
 
 
-def test_without_a_stand_in_the_store_books_through_the_services(factory):
-    # services.process_records when the module is there, else nothing: a
-    # batch of plain readings is stored either way
+def test_without_a_stand_in_the_store_books_through_the_services(factory, monkeypatch):
+    # the default booking is services.process_records, given the new records once
+    from voltgate.server import services
+
+    booked = Recorder()
+    monkeypatch.setattr(services, "process_records", booked)
     store = ServerRecordStore(factory)
     assert store.add(DEV, readings(1, 10)) == 10
     assert store.add(DEV, readings(1, 10)) == 0
+    assert booked.keys() == [(DEV, EPOCH, s) for s in range(1, 11)]
 
 
 def test_the_pull_position_rises_within_an_epoch_and_follows_a_new_log(factory):
