@@ -11,6 +11,7 @@ from collections import Counter
 
 import cbor2
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -19,7 +20,7 @@ from sqlalchemy import inspect, select
 
 from voltgate import wire
 from voltgate.messages import Record
-from voltgate.server import db, models
+from voltgate.server import db, domain, models
 from voltgate.server.store import ServerRecordStore, index_of
 
 DEV = "ou-0001"
@@ -113,6 +114,49 @@ def test_the_migrations_ship_inside_the_package():
 
 
 # ---------------------------------------------------------------- ingest
+
+
+BID = bytes.fromhex("0102030405060708")
+
+
+def battery_records():
+    """(type, body) of records that name BID, and of one that names none."""
+    return [
+        (wire.LOG_BATTERY_OUT, [0, BID, 90, 98, "u", b"c", 12, 345_000, 180, 310]),
+        (wire.LOG_ALARM, [domain.STATION_ALARM_REFUSED, 1, "unknown", BID]),
+        (wire.LOG_OUTLET_READING, [0, 2_000_000, 230_000, 8695]),
+    ]
+
+
+def stored_batteries(url):
+    eng = db.engine(url)
+    try:
+        with eng.connect() as c:
+            return [b for (b,) in c.execute(select(models.LogRecord.battery).order_by(models.LogRecord.seq))]
+    finally:
+        eng.dispose()
+
+
+def test_a_record_that_names_a_battery_is_stored_with_its_id(factory, db_url):
+    store = ServerRecordStore(factory, process=Recorder())
+    store.add(DEV, [Record(EPOCH, i + 1, 1_800_000_000 + i, t, b) for i, (t, b) in enumerate(battery_records())])
+    assert stored_batteries(db_url) == [BID.hex(), BID.hex(), None]
+
+
+def test_the_battery_migration_fills_in_the_records_stored_before_it(db_url):
+    command.downgrade(db.alembic_config(db_url), "0001")
+    cols = ("device_id", "epoch", "seq", "ts", "type", "body")  # log_records as of 0001: no battery column
+    t = sa.table("log_records", *(sa.column(c) for c in cols))
+    rows = [(DEV, EPOCH, i + 1, 1_800_000_000 + i, rt, cbor2.dumps(b)) for i, (rt, b) in enumerate(battery_records())]
+    rows.append((DEV, EPOCH, 4, 1_800_000_004, wire.LOG_BATTERY_IN, b"\xff"))  # not CBOR: names nothing
+    eng = db.engine(db_url)
+    try:
+        with eng.begin() as c:
+            c.execute(t.insert(), [dict(zip(cols, r)) for r in rows])
+    finally:
+        eng.dispose()
+    db.upgrade(db_url)
+    assert stored_batteries(db_url) == [BID.hex(), BID.hex(), None, None]
 
 
 def test_a_repeated_batch_stores_nothing_twice(factory):

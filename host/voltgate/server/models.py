@@ -154,8 +154,13 @@ class LogRecord(Base):
     type: Mapped[int] = mapped_column(Integer)
     body: Mapped[bytes] = mapped_column(LargeBinary)  # CBOR, as the board stored it
     index: Mapped[int | None] = mapped_column(Integer)  # slot/outlet the record is about, when it has one
+    battery: Mapped[str | None] = mapped_column(String(64))  # battery id (hex) a station record names, when it names one
 
-    __table_args__ = (Index("log_records_query", "device_id", "type", "ts"), Index("log_records_seq", "device_id", "seq"))
+    __table_args__ = (
+        Index("log_records_query", "device_id", "type", "ts"),
+        Index("log_records_seq", "device_id", "seq"),
+        Index("log_records_battery", "battery", "type", "ts"),
+    )
 
 
 class LogGap(Base):

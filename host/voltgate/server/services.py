@@ -870,14 +870,14 @@ def _settle_open(ctx: _Ctx, rental: Rental) -> None:
 
 
 def _records_of(s: DB, q, battery_id: str):
-    """(record, body) of the stored records q selects that name battery_id."""
-    for rec in s.scalars(q):
+    """(record, body) of the stored records q selects that name battery_id
+    (found by the battery column: only those bodies are decoded)."""
+    for rec in s.scalars(q.where(LogRecord.battery == battery_id)):
         try:
             body = cbor2.loads(rec.body)
         except _CBOR_ERRORS:
             continue
-        if domain.record_battery(rec.type, body) == battery_id:
-            yield rec, body
+        yield rec, body
 
 
 def _billing_records(ctx: _Ctx, rtype: int):
@@ -1114,22 +1114,15 @@ def readings(
     if end is not None:
         q = q.where(LogRecord.ts < end)
     if index is not None:
-        q = q.where(or_(LogRecord.index == index, LogRecord.index.is_(None)))
+        q = q.where(LogRecord.index == index)
     if battery_id is not None:
-        q = q.where(LogRecord.type.in_([wire.LOG_BATTERY_OUT, wire.LOG_BATTERY_IN, wire.LOG_ALARM]))
-        battery_id = battery_id.lower()
+        q = q.where(LogRecord.battery == battery_id.lower())
     out = []
     for rec in s.scalars(q.execution_options(yield_per=500)):
         try:
             body = cbor2.loads(rec.body)
         except _CBOR_ERRORS:
             body = None
-        idx = rec.index if rec.index is not None else domain.record_index(rec.type, body)
-        if index is not None and idx != index:
-            continue
-        bat = domain.record_battery(rec.type, body)
-        if battery_id is not None and bat != battery_id:
-            continue
         out.append(
             {
                 "device": rec.device_id,
@@ -1138,8 +1131,8 @@ def readings(
                 "ts": rec.ts,
                 "type": rec.type,
                 "type_name": domain.record_name(rec.type),
-                "index": idx,
-                "battery": bat,
+                "index": rec.index,
+                "battery": rec.battery,
                 "body": wire.json_form(body) if body is not None else {"hex": rec.body.hex()},
             }
         )

@@ -113,6 +113,7 @@ class ServerRecordStore:
                 "type": r.type,
                 "body": cbor2.dumps(r.body),
                 "index": index_of(r.type, r.body),
+                "battery": domain.record_battery(r.type, r.body),
             }
             for r in (batch[k] for k in keys)
         ]
