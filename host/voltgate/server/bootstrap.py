@@ -96,18 +96,6 @@ def open_database(url: str | None):
     return eng, db.sessions(eng)
 
 
-def _api_app(factory, master):
-    """The REST API app, or None while voltgate.server.api has no create_app."""
-    try:
-        from . import api
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.api":
-            raise
-        return None
-    create = getattr(api, "create_app", None)
-    return create(factory, master) if create is not None else None
-
-
 class _Http:
     """uvicorn on a socket bound here (a taken port is a plain error), in a thread."""
 
@@ -159,8 +147,12 @@ def serve(opts: ServerOptions, *, stop: threading.Event | None = None, ready: Ca
             restore[sig] = signal.signal(sig, lambda n, f: stop.set())
     gw = web = sock = None
     try:
-        app = _api_app(factory, master) if http else None
-        sock = _listen(*http) if app is not None else None
+        app = None
+        if http:
+            from . import api  # FastAPI and uvicorn only when the API is served
+
+            app = api.create_app(factory, master)
+            sock = _listen(*http)
         g = Gateway(factory, master, host=broker_host, port=broker_port, user=opts.broker_user, password=password,
                     interval=opts.pull_interval, refresh=opts.refresh)  # fmt: skip
         gw = g.start()
@@ -174,14 +166,14 @@ def serve(opts: ServerOptions, *, stop: threading.Event | None = None, ready: Ca
             "devices": len(gw.devices),
             "http": f"http://{http[0]}:{sock.getsockname()[1]}" if sock is not None else None,
         }
-        api = info["http"] or ("off" if not http else "not in this version")
+        api_url = info["http"] or "off"
         log.info(
             "running: database %s, broker %s as %s, %d devices, REST API %s",
             info["db"],
             info["broker"],
             info["broker_user"],
             info["devices"],
-            api,
+            api_url,
         )
         if ready is not None:
             ready(info)
