@@ -252,8 +252,8 @@ class Demo:
 
     def provision(self) -> list[str]:
         self.broker_port = broker.free_port()
-        self.server_pw = simrun.secret()
-        simrun.write_secret(self.broker_dir / "server-password", self.server_pw)
+        self.broker_dir.mkdir(parents=True, exist_ok=True)
+        self.server_pw = broker.server_password(self.broker_dir)
         # ou-2 reaches the broker through a cable the demo can pull
         self.cable = simrun.Cable(("127.0.0.1", self.broker_port))
         self.stack.callback(self.cable.close)
@@ -310,7 +310,7 @@ class Demo:
     def start_server(self) -> list[str]:
         self.http = f"127.0.0.1:{broker.free_port()}"
         self.server = simrun.ServerProcess(
-            db=self.db_url, broker=f"127.0.0.1:{self.broker_port}", password_file=self.broker_dir / "server-password", keystore=self.keystore,
+            db=self.db_url, broker=f"127.0.0.1:{self.broker_port}", password_file=self.broker_dir / broker.SERVER_PASSWORD, keystore=self.keystore,
             http=self.http, pull_interval=self.pace.pull_s, log=self.out / "logs" / "server.log", cwd=self.out,
         )  # fmt: skip
         self.server.start()

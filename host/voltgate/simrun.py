@@ -467,13 +467,6 @@ def secret() -> str:
     return secrets.token_hex(16)
 
 
-def write_secret(path: Path, value: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-
-
 class ServerProcess:
     """`voltgate server` as its own process (python -m voltgate.cli server),
     as an operator runs it; its output goes to log."""
