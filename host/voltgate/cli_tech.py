@@ -255,6 +255,8 @@ def cmd_board_info(args) -> int:
 
 
 def cmd_board_status(args) -> int:
+    from .server.domain import STATION_STATES  # firmware/station.py's slot states, in order
+
     with _session(args) as s:
         st = s.call(s.board.status)
         kind = st.get("kind")
@@ -277,7 +279,6 @@ def cmd_board_status(args) -> int:
     return EXIT_OK
 
 
-STATION_STATES = ("empty", "charging", "ready", "reserved", "open", "fault", "disabled")  # firmware/station.py
 OUTLET_STATES = ("idle", "on", "waiting", "latched")  # firmware/outlet.py status()
 
 

@@ -585,7 +585,7 @@ def verify_chain(entries: Sequence[Any], head: tuple[int, bytes] | None = None) 
 
 # ---------------------------------------------------------------- log records
 
-STATION_STATES = ("empty", "charging", "ready", "reserved", "open", "fault", "disabled")
+STATION_STATES = ("empty", "charging", "ready", "reserved", "open", "fault", "disabled")  # firmware/station.py, in order
 RECORD_NAMES = {v: k[4:].lower() for k, v in vars(wire).items() if k.startswith("LOG_") and k not in ("LOG_READINGS_END", "LOG_EVENTS_END")}
 _FIRST_IS_INDEX = {
     wire.LOG_SLOT_READING,
