@@ -344,7 +344,7 @@ class Issued:
         return self.permit.cti
 
 
-def _live_permits(s: DB, now: int):
+def _live_permits(now: int):
     """Permits not revoked, not expired, and not single-use ones whose session has ended."""
     ended = select(Session.cti).where(Session.end_ts.is_not(None))
     rented = select(Rental.permit_cti).where(Rental.permit_cti.is_not(None))
@@ -362,7 +362,7 @@ def _user_facts(s: DB, u: User, now: int) -> domain.UserFacts:
         balance=u.balance,
         points=u.points,
         overdue_rentals=s.scalar(open_rentals.where(Rental.flagged.is_(True))) or 0,
-        open_permits=len(list(s.scalars(_live_permits(s, now).where(Permit.user_id == u.id)))),
+        open_permits=s.scalar(select(func.count()).select_from(_live_permits(now).where(Permit.user_id == u.id).subquery())) or 0,
         open_rentals=s.scalar(open_rentals) or 0,
     )
 
@@ -413,7 +413,7 @@ def request_permit(
         flag_overdue_rentals(s, now, policy.max_rental_s, user_id=user_id)
     live = []
     if d is not None:
-        rows = s.scalars(_live_permits(s, now).where(Permit.device_id == device_id))
+        rows = s.scalars(_live_permits(now).where(Permit.device_id == device_id))
         live = [domain.LivePermit(p.cti, p.nbf, p.exp, tuple(p.scope) if p.scope is not None else None) for p in rows]
     refusal = domain.check_request(
         policy,
@@ -483,7 +483,7 @@ def permit(s: DB, cti: str) -> Permit:
 
 
 def list_permits(s: DB, *, user_id: str | None = None, device_id: str | None = None, live_at: int | None = None) -> list[Permit]:
-    q = _live_permits(s, live_at) if live_at is not None else select(Permit)
+    q = _live_permits(live_at) if live_at is not None else select(Permit)
     if user_id is not None:
         q = q.where(Permit.user_id == user_id)
     if device_id is not None:
