@@ -236,7 +236,7 @@ class Fleet:
                 if not p.alive:
                     raise BoardGone(f"{d} stopped at boot", f"see {p.console_log}", EXIT_FAILURE)
             for d in self.devices:
-                h = self.gateway._hellos.get(d)
+                h = self.gateway.hello_of(d)
                 if not self.gateway.transport.online.get(d) or not h:
                     return False
                 if not (h.get("clock") or [False])[0]:
@@ -440,7 +440,7 @@ class Fleet:
         boards' latest hellos (one per pull) and the stored records."""
         out = {}
         for d in self.devices:
-            h = self.gateway._hellos.get(d)
+            h = self.gateway.hello_of(d)
             if not h:
                 continue
             last = h["log"][1] or 0

@@ -92,11 +92,9 @@ class _Board(link.Board):
     def __init__(self, on_hello: Callable[[str, dict], None], *a, **kw):
         super().__init__(*a, **kw)
         self._on_hello = on_hello
-        self.last_hello: dict | None = None
 
     def hello(self) -> dict:
         h = super().hello()
-        self.last_hello = h
         self._on_hello(self.device, h)
         return h
 
@@ -251,6 +249,10 @@ class Gateway:
             return
         self._states.put((device, online, int(self._clock())))
         self.puller.on_state(device, online)
+
+    def hello_of(self, device: str) -> dict | None:
+        """The latest hello the device answered to this gateway, or None."""
+        return self._hellos.get(device)
 
     def _hello(self, device: str, h: dict) -> None:
         self._hellos[device] = h
