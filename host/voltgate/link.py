@@ -171,8 +171,7 @@ class Board:
         return self.call(wire.MSG_PING, data)
 
     def get_log(self, from_seq: int, max_records: int = 64) -> messages.Batch:
-        body = self.call(wire.MSG_GET_LOG, [from_seq, max_records])
-        return messages.log_batch(messages.Reply(wire.MSG_REPLY + wire.MSG_GET_LOG, None, body))
+        return messages.log_batch_body(self.call(wire.MSG_GET_LOG, [from_seq, max_records]))
 
     def ack(self, upto_seq: int) -> int:
         return self.command(wire.MSG_ACK, upto_seq)

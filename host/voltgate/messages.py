@@ -160,7 +160,11 @@ def body_of(reply: Reply, request_type: int) -> Any:
 def log_batch(reply: Reply) -> Batch:
     """The records of a get_log reply: body [next_seq, run...], run =
     [epoch, record...], record = [seq, ts, type, body]."""
-    body = body_of(reply, wire.MSG_GET_LOG)
+    return log_batch_body(body_of(reply, wire.MSG_GET_LOG))
+
+
+def log_batch_body(body: Any) -> Batch:
+    """log_batch() of a get_log reply's body, already taken from its reply."""
     if not isinstance(body, list) or not body or not isinstance(body[0], int):
         raise MessageError("log batch without next_seq")
     out = []
