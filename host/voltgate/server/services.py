@@ -28,7 +28,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +44,7 @@ from sqlalchemy.orm import Session as DB
 from .. import keys, permits, wire
 from ..errors import EXIT_FAILURE, EXIT_USAGE, VoltgateError
 from . import domain
+from .db import transaction
 from .models import (
     Battery,
     Device,
@@ -94,6 +97,8 @@ class Refused(VoltgateError):
         self.code, self.message = code, message
 
 
+log = logging.getLogger(__name__)
+
 # PostgreSQL: serialization_failure, deadlock_detected, unique_violation
 _RETRY_SQLSTATES = {"40001", "40P01", "23505"}
 
@@ -110,8 +115,6 @@ def retrying(factory, fn: Callable[[DB], T], attempts: int = 5) -> T:
     concurrent one (two ledger appends that picked the same seq, a
     deadlock, SQLite's write lock), up to attempts times. fn must do
     nothing outside the transaction, since it may run more than once."""
-    from .db import transaction
-
     for i in range(attempts):
         try:
             with transaction(factory) as s:
@@ -119,6 +122,8 @@ def retrying(factory, fn: Callable[[DB], T], attempts: int = 5) -> T:
         except (IntegrityError, OperationalError) as e:
             if i == attempts - 1 or not _transient(e):
                 raise
+            log.info("retrying a transaction after %s", type(e.orig).__name__)
+            time.sleep(0.01 * 2**i)  # back off before retrying; not synchronisation
     raise AssertionError("unreachable")
 
 

@@ -17,31 +17,25 @@ row there (or takes it over if the first one rolled back).
 
 A transaction that fails for a reason that goes away by itself (a deadlock
 or serialization failure between server processes, a unique key taken by
-a concurrent booking, SQLite's lock) is tried again, a few times.
+a concurrent booking, SQLite's lock) is tried again, a few times, with a
+short backoff (services.retrying, which every server transaction uses).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from typing import Callable, Iterable
 
 import cbor2
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import messages
-from . import db, domain
+from . import db, domain, services
 from .models import LogGap, LogPosition, LogRecord
 
-log = logging.getLogger(__name__)
-
 _TRIES = 5
-# PostgreSQL: serialization_failure, deadlock_detected, unique_violation
-_RETRY_SQLSTATES = {"40001", "40P01", "23505"}
 
 ProcessFn = Callable[[Session, str, list], None]
 
@@ -51,21 +45,8 @@ ProcessFn = Callable[[Session, str, list], None]
 index_of = domain.record_index
 
 
-def _process_records() -> ProcessFn:
-    from . import services  # imported late: services imports the storage side too
-
-    return services.process_records
-
-
 def _insert(s: Session):
     return postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
-
-
-def _transient(e: DBAPIError) -> bool:
-    code = getattr(e.orig, "sqlstate", None)
-    if code in _RETRY_SQLSTATES:
-        return True
-    return isinstance(e, OperationalError) and "locked" in str(e.orig)
 
 
 class ServerRecordStore:
@@ -84,15 +65,7 @@ class ServerRecordStore:
         return cls(db.sessions(db.engine(url)), **kw)
 
     def _tx(self, work: Callable[[Session], object]):
-        for attempt in range(_TRIES):
-            try:
-                with db.transaction(self._factory) as s:
-                    return work(s)
-            except (OperationalError, IntegrityError) as e:
-                if attempt == _TRIES - 1 or not _transient(e):
-                    raise
-                log.info("store: retrying a transaction after %s", type(e.orig).__name__)
-                time.sleep(0.01 * 2**attempt)  # back off before retrying; not synchronisation
+        return services.retrying(self._factory, work, _TRIES)
 
     def add(self, device: str, records: Iterable[messages.Record]) -> int:
         """Store the records; the new ones (in batch order) go to
@@ -117,7 +90,7 @@ class ServerRecordStore:
             }
             for r in (batch[k] for k in keys)
         ]
-        process = self._process or _process_records()
+        process = self._process or services.process_records
 
         def work(s: Session) -> int:
             # one statement, compiled once and cached, executed for many rows
