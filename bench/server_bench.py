@@ -5,12 +5,11 @@ raw publish rate, measured in the same run).
 measure() reports
 - permits issued per second: voltgate.permits.issue alone (the COSE/CWT
   work), and through services.request_permit (approval conditions, the
-  permit row, one transaction each) on SQLite and PostgreSQL, when the
-  services module has it;
+  permit row, one transaction each) on SQLite and PostgreSQL;
 - the ingest rate of pulled batches into SQLite and PostgreSQL: what one
   pull costs the database per batch, ServerRecordStore.add (INSERT ... ON
   CONFLICT DO NOTHING RETURNING, and services.process_records for the new
-  records, in one transaction) plus set_position, with batches as the
+  records, and the pull position, in one transaction), with batches as the
   boards send them (64 outlet readings); one puller, and four pulling four
   boards at once (sync.Puller's default); and a batch delivered again
   (every record already stored);
@@ -122,8 +121,7 @@ def ingest_rates(url: str, batches: int) -> dict:
         def pull_like(device: str, n: int, start_seq: int = 1) -> None:
             for k in range(n):
                 recs = batch(0, start_seq + k * BATCH)
-                store.add(device, recs)
-                store.set_position(device, recs[-1].seq, recs[-1].epoch)
+                store.add(device, recs, position=(recs[-1].seq, recs[-1].epoch))
 
         pull_like("ou-warm", 5)  # connections, caches, statements
         t0 = time.perf_counter()

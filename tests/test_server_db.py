@@ -282,11 +282,11 @@ def test_without_a_stand_in_the_store_books_through_the_services(factory, monkey
 def test_the_pull_position_rises_within_an_epoch_and_follows_a_new_log(factory):
     store = ServerRecordStore(factory, process=Recorder())
     assert store.position(DEV) is None
-    store.set_position(DEV, 64, EPOCH)
-    store.set_position(DEV, 128, EPOCH)
-    store.set_position(DEV, 100, EPOCH)  # another process, late: the position stays
+    store.add(DEV, readings(1, 64), position=(64, EPOCH))
+    store.add(DEV, readings(65, 64), position=(128, EPOCH))
+    store.add(DEV, readings(37, 64), position=(100, EPOCH))  # another process, late: the position stays
     assert store.position(DEV) == (128, EPOCH)
-    store.set_position(DEV, 5, EPOCH + 7)  # the board's log began again
+    store.add(DEV, readings(1, 5, epoch=EPOCH + 7), position=(5, EPOCH + 7))  # the board's log began again
     assert store.position(DEV) == (5, EPOCH + 7)
     assert store.position("ou-0002") is None
 

@@ -154,7 +154,7 @@ class JsonlStore:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def add(self, device: str, records) -> int:
+    def add(self, device: str, records, position: tuple[int, int] | None = None) -> int:
         rows = []
         for r in records:
             k = (device, r.epoch, r.seq)
@@ -163,6 +163,8 @@ class JsonlStore:
             self._seen.add(k)
             rows.append({"device": device, "epoch": r.epoch, "seq": r.seq, "ts": r.ts, "type": r.type, "body": wire.json_form(r.body)})
         self._append(rows)
+        if position is not None:
+            self._pos[device] = position
         return len(rows)
 
     def add_gap(self, device: str, first: int, last: int, thinned: int) -> None:
@@ -170,9 +172,6 @@ class JsonlStore:
 
     def position(self, device: str):
         return self._pos.get(device)
-
-    def set_position(self, device: str, seq: int, epoch: int) -> None:
-        self._pos[device] = (seq, epoch)
 
     def count(self, device: str | None = None) -> int:
         return sum(1 for d, _, _ in self._seen if device is None or d == device)

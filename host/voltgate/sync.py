@@ -70,13 +70,17 @@ class RecordStore:
     def close(self) -> None:
         self._db.close()
 
-    def add(self, device: str, records: Iterable[messages.Record]) -> int:
-        """Store records; returns how many were new."""
+    def add(self, device: str, records: Iterable[messages.Record], position: tuple[int, int] | None = None) -> int:
+        """Store records, and move the pull position to position (seq,
+        epoch) in the same transaction when given; returns how many were new."""
         rows = [(device, r.epoch, r.seq, r.ts, r.type, cbor2.dumps(r.body)) for r in records]
         with self._lock, self._db:
             before = self._db.total_changes
             self._db.executemany("INSERT OR IGNORE INTO log_records VALUES (?, ?, ?, ?, ?, ?)", rows)
-            return self._db.total_changes - before
+            new = self._db.total_changes - before
+            if position is not None:
+                self._db.execute("INSERT OR REPLACE INTO sync_position VALUES (?, ?, ?)", (device, *position))
+            return new
 
     def last_seq(self, device: str) -> int:
         with self._lock:
@@ -102,10 +106,6 @@ class RecordStore:
         with self._lock:
             row = self._db.execute("SELECT seq, epoch FROM sync_position WHERE device = ?", (device,)).fetchone()
         return None if row is None else (row[0], row[1])
-
-    def set_position(self, device: str, seq: int, epoch: int) -> None:
-        with self._lock, self._db:
-            self._db.execute("INSERT OR REPLACE INTO sync_position VALUES (?, ?, ?)", (device, seq, epoch))
 
     def add_gap(self, device: str, first: int, last: int, thinned: int) -> None:
         with self._lock, self._db:
@@ -166,9 +166,9 @@ def pull(
                 store.add_gap(board.device, expect, r.seq - 1, thinned)
             expect = r.seq + 1
         res.received += len(b.records)
-        res.new += store.add(board.device, b.records)
-        frm = b.records[-1].seq + 1
-        store.set_position(board.device, b.records[-1].seq, b.records[-1].epoch)
+        last = b.records[-1]
+        res.new += store.add(board.device, b.records, position=(last.seq, last.epoch))  # one transaction
+        frm = last.seq + 1
         nxt = max(nxt, b.next_seq)
         if progress is not None:
             progress(frm - 1, nxt)

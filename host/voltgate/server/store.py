@@ -49,8 +49,19 @@ def _insert(s: Session):
     return postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
+def _move_position(s: Session, device: str, seq: int, epoch: int) -> None:
+    """Move the pull position on. Another server process may have pulled
+    further meanwhile: within one boot epoch the position only rises (a late
+    writer would make the next pull fetch again what is stored); a new epoch
+    (the board rebooted, or its log began again) replaces it."""
+    ins = _insert(s)(LogPosition).values(device_id=device, seq=seq, epoch=epoch)
+    ex = ins.excluded
+    later = (ex.epoch != LogPosition.epoch) | (ex.seq > LogPosition.seq)
+    s.execute(ins.on_conflict_do_update(index_elements=["device_id"], set_={"seq": ex.seq, "epoch": ex.epoch}, where=later))
+
+
 class ServerRecordStore:
-    """sync.RecordStore's interface (add, add_gap, position, set_position,
+    """sync.RecordStore's interface (add with the pull position, add_gap, position,
     last_seq, count, records, gaps) on the server's database. process(session, device, new_records)
     replaces services.process_records (tests, benchmarks)."""
 
@@ -67,13 +78,15 @@ class ServerRecordStore:
     def _tx(self, work: Callable[[Session], object]):
         return services.retrying(self._factory, work, _TRIES)
 
-    def add(self, device: str, records: Iterable[messages.Record]) -> int:
+    def add(self, device: str, records: Iterable[messages.Record], position: tuple[int, int] | None = None) -> int:
         """Store the records; the new ones (in batch order) go to
-        process_records in the same transaction. Returns how many were new."""
+        process_records in the same transaction, and position (seq, epoch),
+        when given, moves the pull position on in it too (_move_position).
+        Returns how many were new."""
         batch: dict[tuple[int, int], messages.Record] = {}
         for r in records:
             batch.setdefault((r.epoch, r.seq), r)  # a record twice in one batch counts once
-        if not batch:
+        if not batch and position is None:
             return 0
         # ascending key order: concurrent writers lock rows in the same order
         keys = sorted(batch)
@@ -93,14 +106,18 @@ class ServerRecordStore:
         process = self._process or services.process_records
 
         def work(s: Session) -> int:
-            # one statement, compiled once and cached, executed for many rows
-            # (SQLAlchemy's "insertmanyvalues" sends them as multi-row INSERTs)
-            t = LogRecord.__table__
-            stmt = _insert(s)(t).on_conflict_do_nothing(index_elements=["device_id", "epoch", "seq"]).returning(t.c.epoch, t.c.seq)
-            stored = {tuple(row) for row in s.connection().execute(stmt, rows)}
-            new = [r for k, r in batch.items() if k in stored]
-            if new:
-                process(s, device, new)
+            new = []
+            if rows:
+                # one statement, compiled once and cached, executed for many rows
+                # (SQLAlchemy's "insertmanyvalues" sends them as multi-row INSERTs)
+                t = LogRecord.__table__
+                stmt = _insert(s)(t).on_conflict_do_nothing(index_elements=["device_id", "epoch", "seq"]).returning(t.c.epoch, t.c.seq)
+                stored = {tuple(row) for row in s.connection().execute(stmt, rows)}
+                new = [r for k, r in batch.items() if k in stored]
+                if new:
+                    process(s, device, new)
+            if position is not None:
+                _move_position(s, device, *position)
             return len(new)
 
         n = self._tx(work)
@@ -121,20 +138,6 @@ class ServerRecordStore:
         with self._factory() as s:
             row = s.execute(select(LogPosition.seq, LogPosition.epoch).where(LogPosition.device_id == device)).first()
         return None if row is None else (row[0], row[1])
-
-    def set_position(self, device: str, seq: int, epoch: int) -> None:
-        """Move the position on. Another server process may have pulled
-        further meanwhile: within one boot epoch the position only rises (a
-        late writer would make the next pull fetch again what is stored);
-        a new epoch (the board rebooted, or its log began again) replaces it."""
-
-        def work(s: Session) -> None:
-            ins = _insert(s)(LogPosition).values(device_id=device, seq=seq, epoch=epoch)
-            ex = ins.excluded
-            later = (ex.epoch != LogPosition.epoch) | (ex.seq > LogPosition.seq)
-            s.execute(ins.on_conflict_do_update(index_elements=["device_id"], set_={"seq": ex.seq, "epoch": ex.epoch}, where=later))
-
-        self._tx(work)
 
     def last_seq(self, device: str) -> int:
         with self._factory() as s:
