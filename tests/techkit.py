@@ -89,9 +89,26 @@ class Proxy(simrun.Cable):
         self.restore()
 
 
+def wait_for(cond, what: str, timeout: float = 20.0, interval: float = 0.02):
+    """cond()'s first true value; the test fails after timeout seconds
+    (simrun.wait_until polls it: what is waited for is in another thread or
+    process)."""
+    got = simrun.wait_until(cond, timeout, interval)
+    assert got, f"timed out waiting for {what} ({timeout} s)"
+    return got
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """`voltgate <argv>` in this process: (exit code, stdout, stderr)."""
     capsys.readouterr()
     rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def vg(capsys, *argv) -> tuple[int, str, str]:
+    """run_cli(), asserting that no traceback was printed: a command fails
+    with a message."""
+    rc, out, err = run_cli(capsys, *argv)
+    assert "Traceback" not in out + err
     return rc, out, err

@@ -16,7 +16,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -25,6 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from voltgate import broker as vgbroker
 from voltgate.broker import OFFLINE, Broker, BrokerConfig, topic
 from voltgate.errors import VoltgateError
+
+from techkit import wait_for
 
 WAIT = 5.0  # seconds any expected event may take
 SERVER_PW = "server-secret"
@@ -133,10 +134,7 @@ def state(dev):
 
 def wait_log(b: Broker, text: str):
     """Wait (with a deadline) for a line in the broker's log."""
-    deadline = time.monotonic() + WAIT
-    while text not in b.log.read_text():
-        assert time.monotonic() < deadline, f"no {text!r} in {b.log}"
-        time.sleep(0.01)  # polling a file, not synchronisation by sleep
+    wait_for(lambda: text in b.log.read_text(), f"{text!r} in {b.log}", WAIT, 0.01)
 
 
 # -- password hashes -------------------------------------------------------

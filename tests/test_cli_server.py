@@ -10,6 +10,8 @@ from sqlalchemy import delete, update
 from voltgate import cli, keys, permits, wire
 from voltgate.server import db, models
 
+from techkit import vg
+
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
@@ -20,21 +22,14 @@ def env(tmp_path, monkeypatch):
     return {"url": url, "keystore": str(tmp_path / "master.key"), "master": master, "tmp": tmp_path}
 
 
-def run(capsys, *argv):
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
-
-
 def ok(capsys, *argv):
-    code, out, err = run(capsys, *argv)
+    code, out, err = vg(capsys, *argv)
     assert code == 0, err
     return out
 
 
 def fails(capsys, code, *argv):
-    got, out, err = run(capsys, *argv)
+    got, out, err = vg(capsys, *argv)
     assert got == code, (out, err)
     command = " ".join(a for a in argv[:2])
     assert err.startswith(f"voltgate: {command}: "), err
@@ -215,7 +210,7 @@ def test_ledger_verify_show_and_settle(env, capsys):
         s.execute(update(models.LedgerEntry).where(models.LedgerEntry.seq == 2).values(amount=30_000))
     err = fails(capsys, 1, "ledger", "verify")
     assert err.startswith("voltgate: ledger verify: ledger altered at entry 2: entry 2 does not match its hash")
-    assert json.loads(run(capsys, "ledger", "verify", "--json")[1])["problem"]["code"] == "altered"
+    assert json.loads(vg(capsys, "ledger", "verify", "--json")[1])["problem"]["code"] == "altered"
     with db.transaction(db.sessions(eng)) as s:
         s.execute(update(models.LedgerEntry).where(models.LedgerEntry.seq == 2).values(amount=300))
         s.execute(delete(models.LedgerEntry).where(models.LedgerEntry.seq == 3))

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from techkit import run_cli
+from techkit import run_cli, vg
 from voltgate import broker, keys, permits, provision, tree
 from voltgate.permitview import b64url
 from voltgate.simboard import SimulatedBoard
@@ -39,12 +39,6 @@ def st(tmp_path_factory):
         yield SimpleNamespace(sim=sim, url=sim.url, ks=str(ks), db=db, master=keys.load_master(ks), dir=d)
     finally:
         sim.stop()
-
-
-def vg(capsys, *argv):
-    rc, out, err = run_cli(capsys, *argv)
-    assert "Traceback" not in err
-    return rc, out, err
 
 
 # The console test comes first: the console is in text mode until a link frame arrives, and
@@ -210,8 +204,9 @@ def test_board_over_mqtt(tmp_path, capsys):
     bdir.mkdir()
     (bdir / "server-password").write_text("server-pw\n")
     b = broker.Broker(broker.BrokerConfig((), "server-pw", port=port), bdir).start()  # the site's broker, no boards yet
-    sim = SimulatedBoard(OUTLET, tmp_path / "flash", tcp_port=0).start()
+    sim = None
     try:
+        sim = SimulatedBoard(OUTLET, tmp_path / "flash", tcp_port=0).start()
         ks = tmp_path / "master.key"
         db = f"sqlite:///{tmp_path / 'server.sqlite'}"
         rc, out, err = vg(capsys, "provision", OUTLET, "--port", sim.url, "--device-id", "ou-m", "--site", SITE, "--mqtt", f"127.0.0.1:{port}",
@@ -233,7 +228,8 @@ def test_board_over_mqtt(tmp_path, capsys):
         rc, out, err = vg(capsys, "provision", OUTLET, "--port", sim.url, "--device-id", "ou-m", "--keystore", ks, "--db", db, "--broker-dir", bdir, "--json")
         assert rc == 0 and json.loads(out)["changed"] == [], err
     finally:
-        sim.stop()
+        if sim is not None:
+            sim.stop()
         b.stop()
 
 

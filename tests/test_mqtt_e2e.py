@@ -36,6 +36,7 @@ from voltgate.messages import BoardError
 from voltgate.mqttlink import MqttTransport
 
 import test_outlet as to
+from techkit import wait_for
 
 SITE = "site-a"
 DEV1, KEY1 = to.DEVICE, to.KEY
@@ -65,16 +66,6 @@ while True:
         seq = r[0] + 1
 emit(out)
 """
-
-
-def wait_for(cond, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)  # polling a condition with a deadline, not synchronisation by sleep
 
 
 class SimBoard:

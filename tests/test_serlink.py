@@ -9,7 +9,6 @@ import json
 import random
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from voltgate import commands, link, messages, serlink, sync, tree, wire
 
 import test_outlet as to
+from techkit import wait_for
 import test_sync as ts
 
 framing = tree.board_modules().framing
@@ -55,12 +55,7 @@ class Noise:
 
 def until(cond, timeout, what):
     """Wait for cond() with a deadline (each cond() call itself waits on I/O)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-    raise AssertionError(f"{what}: not within {timeout} s")
+    return wait_for(cond, what, timeout, 0)
 
 
 def filled_flash(mp_worker, tmp_path):
