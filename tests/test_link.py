@@ -4,11 +4,12 @@ set of SPEC.md section 3, log batches, and signed commands refused when
 forged, replayed, stale or meant for another board."""
 
 import itertools
+import json
 
 import cbor2
 import pytest
 
-from voltgate import keys, messages, wire
+from voltgate import keys, messages, tree, wire
 
 import test_outlet as to
 
@@ -17,10 +18,10 @@ _names = itertools.count()
 
 
 class Board:
-    def __init__(self, mp_worker, tmp_path):
+    def __init__(self, mp_worker, tmp_path, store=None):
         self._w = mp_worker
         self.name = f"l{next(_names)}"
-        mp_worker.call("link_checks", "new", self.name, to.board_file(tmp_path), str(tmp_path / "flash"), to.STORE, {})
+        mp_worker.call("link_checks", "new", self.name, to.board_file(tmp_path), str(tmp_path / "flash"), store or to.STORE, {})
         self.rid = itertools.count(1)
 
     def __call__(self, fn, *args):
@@ -258,3 +259,25 @@ def test_alarms_wait_in_the_outbox(board):
     alarms = [r for r in board.outlet("records", [wire.LOG_ALARM])]
     assert [m.body[0] for m in sent] == [a[0] for a in alarms]
     assert wire.json_form(sent[0].body[2]) == alarms[0][3]
+
+
+VECTORS = json.loads((tree.vectors_dir() / "messages.json").read_text())
+
+
+@pytest.fixture
+def vectors_board(mp_worker, tmp_path):
+    """A board named as the vectors file's requests name their device."""
+    return Board(mp_worker, tmp_path, {**to.STORE, "dev_id": VECTORS["device"].encode().hex()})
+
+
+@pytest.mark.parametrize("case", VECTORS["requests"], ids=lambda c: c["name"])
+def test_the_board_answers_each_request_of_the_vectors_file(vectors_board, case):
+    """protocol/vectors/messages.json's requests, as the host builds them,
+    answered by the firmware's link on MicroPython: a reply of the request's
+    type with its id (test_msgvectors only decodes them on the host)."""
+    env = cbor2.loads(bytes.fromhex(case["request"]))
+    reply = messages.parse(vectors_board.raw(bytes.fromhex(case["request"])))
+    assert not reply.is_error, reply
+    assert reply.type == wire.MSG_REPLY + env[wire.ENV_TYPE] and reply.id == env[wire.ENV_ID]
+    if env[wire.ENV_TYPE] == wire.MSG_HELLO:
+        assert reply.body["dev"] == VECTORS["device"]
